@@ -1,0 +1,64 @@
+"""The attention-backend interface: how one layer's attention reads and writes the paged KV cache.
+
+A backend turns a step's `StepBatch` (which tokens belong to which sequence, where their K/V go)
+into its own metadata once per step, then serves every layer's `forward` with it. The KV cache of
+one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepBatch:
+    """One step's sequences in batch order: decodes (one query token each) come first."""
+
+    query_lens: list[int]  # tokens computed this step, per sequence
+    context_lens: list[int]  # tokens in the cache after this step (earlier + this step's)
+    block_tables: list[list[int]]  # KV block ids per sequence, in position order
+    num_decodes: int  # the first `num_decodes` sequences have one query token and prior context
+    slot_mapping: torch.Tensor  # [tokens]: flat cache slot (block * block_size + offset) per token
+
+
+@dataclass
+class AttentionMetadata:
+    backend: AttentionBackend
+    slot_mapping: torch.Tensor
+
+
+class AttentionBackend(ABC):
+    name: str = ""
+    block_size: int = 16
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @classmethod
+    def available(cls, device: torch.device) -> bool:
+        return True
+
+    @abstractmethod
+    def build_metadata(self, batch: StepBatch) -> AttentionMetadata: ...
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [tokens, heads, head_dim]
+        k: torch.Tensor,  # [tokens, kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [tokens, heads, head_dim]
+        ...
+
+    @staticmethod
+    def write_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+        num_kv_heads, head_dim = k.shape[-2:]
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)

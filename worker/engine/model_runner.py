@@ -1,0 +1,144 @@
+"""Runs one engine step on the model: owns the device, the weights and the paged KV cache.
+
+`execute(SchedulerOutput)` flattens the step's sequences into `input_ids[T]`, `positions[T]` and
+the attention backend's metadata (slot mapping, block tables), runs the model once, and returns
+float32 logits for the sequences that sample this step — nothing for mid-prompt chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from worker.attention import AttentionBackend, StepBatch, select_backend
+from worker.engine.config import EngineConfig
+from worker.engine.scheduler import SchedulerOutput
+from worker.layers.attention import Attention
+from worker.layers.parallel import SINGLE, ParallelContext
+from worker.loader.dtype import resolve_dtype
+from worker.loader.model_loader import build_model
+from worker.loader.weights import iter_weights
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, files, max_positions: int,
+                 parallel: ParallelContext = SINGLE):
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.backend: AttentionBackend = select_backend(config.attention_backend, self.device)
+        self.block_size = self.backend.block_size
+        self.model = build_model(
+            hf_config, iter_weights(files), self.dtype, self.device, parallel, max_positions
+        )
+        self.vocab_size = hf_config.vocab_size
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_blocks = self._num_blocks(config, max_positions)
+        self._allocate_kv_cache()
+        log.info(
+            "model ready: %s on %s (%s), attention %s, KV cache %d blocks x %d tokens",
+            type(self.model).__name__, self.device, self.dtype, self.backend.name,
+            self.num_blocks, self.block_size,
+        )
+
+    # -- KV cache -----------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * element
+        return per_layer * len(self.attention_layers)
+
+    def _num_blocks(self, config: EngineConfig, max_positions: int) -> int:
+        if config.max_batch_total_tokens is not None:
+            tokens = config.max_batch_total_tokens
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * config.kv_cache_memory_fraction)
+            return max(1, budget // self._bytes_per_block())
+        else:
+            # Enough for a full batch of long sequences, capped at a quarter of free RAM.
+            tokens = config.max_batch_size * max_positions
+            ram_cap = _available_ram() // 4 // self._bytes_per_block() * self.block_size
+            tokens = min(tokens, max(ram_cap, max_positions))
+        blocks = -(-tokens // self.block_size)
+        if blocks * self.block_size < max_positions:
+            raise ValueError(
+                f"the KV cache holds {blocks * self.block_size} tokens, fewer than one sequence "
+                f"may use ({max_positions} total tokens): raise --max-batch-total-tokens or "
+                f"lower --max-total-tokens"
+            )
+        return blocks
+
+    def _allocate_kv_cache(self) -> None:
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.zeros(
+                2, self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
+                dtype=self.dtype, device=self.device,
+            )
+
+    # -- one step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> torch.Tensor:
+        """Logits [sampling sequences, vocab] in float32, in `output.sampling()` order."""
+        input_ids, positions, batch, logits_indices = self._prepare(output)
+        meta = self.backend.build_metadata(batch)
+        hidden = self.model(input_ids, positions, meta)
+        logits = self.model.compute_logits(hidden[logits_indices])
+        return logits[:, : self.vocab_size].float()
+
+    def _prepare(self, output: SchedulerOutput):
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, context_lens, tables, logits_indices = [], [], [], []
+        block_size = self.block_size
+        for item in output.scheduled:
+            seq, start, end = item.seq, item.start, item.start + item.num_tokens
+            token_ids.extend(seq.token_ids(start, end))
+            positions.extend(range(start, end))
+            blocks = seq.block_ids
+            slots.extend(blocks[p // block_size] * block_size + p % block_size
+                         for p in range(start, end))
+            query_lens.append(item.num_tokens)
+            context_lens.append(end)
+            tables.append(blocks)
+            if item.sample:
+                logits_indices.append(len(token_ids) - 1)
+        num_decodes = 0
+        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        device = self.device
+        batch = StepBatch(
+            query_lens, context_lens, tables, num_decodes,
+            torch.tensor(slots, dtype=torch.long, device=device),
+        )
+        return (
+            torch.tensor(token_ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            batch,
+            torch.tensor(logits_indices, dtype=torch.long, device=device),
+        )
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
