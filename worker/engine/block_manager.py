@@ -32,6 +32,7 @@ class BlockManager:
         self._blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[tuple[int, tuple[int, ...]], int] = {}
+        self.num_cache_hit_tokens = 0  # tokens served from the prefix cache since start
 
     @property
     def num_free_blocks(self) -> int:
@@ -80,6 +81,7 @@ class BlockManager:
             parent = hash(key)
             seq.block_hashes.append(parent)
         seq.num_computed_tokens = len(hits) * self.block_size
+        self.num_cache_hit_tokens += seq.num_computed_tokens
 
     def commit(self, seq: Sequence) -> None:
         """Register the full, computed blocks of `seq` in the prefix cache."""

@@ -118,6 +118,8 @@ class LLMEngine:
                 f"{self.max_input_tokens:,}"
             )
         vocab = self.runner.vocab_size
+        if not all(isinstance(token, int) for token in prompt_ids):
+            raise RequestError("prompt token ids must be integers")
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab}); got {max(prompt_ids)}")
         if params.max_new_tokens < 1:

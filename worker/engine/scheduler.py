@@ -72,6 +72,7 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.num_preemptions = 0  # since start, for metrics and tests
 
     @property
     def has_work(self) -> bool:
@@ -158,6 +159,7 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         output.preempted.append(seq)
 
