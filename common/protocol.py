@@ -194,5 +194,7 @@ def _load(raw: str | bytes, kind: str) -> dict[str, Any]:
         raise ProtocolError(f"{kind} must be a JSON object")
     version = data.get("v", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"{kind} has protocol version {version}; this build speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            f"{kind} has protocol version {version}; this build speaks {PROTOCOL_VERSION}"
+        )
     return data

@@ -22,7 +22,9 @@ CORPUS = [
 ARCHITECTURES = {
     "llama": dict(arch="LlamaForCausalLM", num_attention_heads=4, num_key_value_heads=2),
     "qwen2": dict(arch="Qwen2ForCausalLM", num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": dict(arch="Qwen3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "qwen3": dict(
+        arch="Qwen3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
 }
 
 
@@ -39,9 +41,15 @@ def build_tokenizer(path: Path) -> None:
     )
     tokenizer.train_from_iterator(CORPUS * 4, trainer)
     tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "bos_token": None, "model_max_length": 1024,
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "<|im_end|>",
+                "bos_token": None,
+                "model_max_length": 1024,
+            }
+        )
+    )
 
 
 def build_tiny_model(name: str, path: Path, *, seed: int = 0, tie: bool = False) -> Path:
@@ -51,13 +59,25 @@ def build_tiny_model(name: str, path: Path, *, seed: int = 0, tie: bool = False)
 
     spec = dict(ARCHITECTURES[name])
     arch = spec.pop("arch")
-    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                  "Qwen3ForCausalLM": "qwen3"}[arch]
+    model_type = {
+        "LlamaForCausalLM": "llama",
+        "Qwen2ForCausalLM": "qwen2",
+        "Qwen3ForCausalLM": "qwen3",
+    }[arch]
     config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
-        num_hidden_layers=3, max_position_embeddings=1024, rms_norm_eps=1e-6,
-        tie_word_embeddings=tie, initializer_range=0.3, eos_token_id=2, bos_token_id=None,
-        architectures=[arch], **spec,
+        model_type,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        initializer_range=0.3,
+        eos_token_id=2,
+        bos_token_id=None,
+        architectures=[arch],
+        **spec,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -36,7 +36,8 @@ def test_capital_of_france(demo_model_dir, tokenizer):
     llm = LLM(str(demo_model_dir), dtype="float32", max_total_tokens=2048)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, tokenize=False,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     [result] = llm.generate([prompt], SamplingParams.make(temperature=0, max_new_tokens=32))
@@ -48,10 +49,15 @@ def test_demo_greedy_equals_transformers_in_a_changing_batch(demo_model_dir, tok
     ids = tokenizer(TEXT * 4)["input_ids"]
     lengths = [1, 5, 12, 33, 70, 120, 200, 310]
     prompts = [ids[i : i + n] for i, n in enumerate(lengths)]
-    engine = LLMEngine(EngineConfig(
-        model=str(demo_model_dir), dtype="float32", max_total_tokens=512,
-        max_batch_total_tokens=640, max_batch_prefill_tokens=128,
-    ))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(demo_model_dir),
+            dtype="float32",
+            max_total_tokens=512,
+            max_batch_total_tokens=640,
+            max_batch_prefill_tokens=128,
+        )
+    )
     params = SamplingParams.make(temperature=0, max_new_tokens=16, ignore_eos=True)
     results = run_staggered(engine, prompts, params, arrivals=[0, 0, 1, 3, 4, 6, 9, 12])
     assert engine.scheduler.num_preemptions > 0

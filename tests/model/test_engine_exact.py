@@ -21,14 +21,18 @@ NEW_TOKENS = 24
 
 def reference_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     output = model.generate(
-        torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        torch.tensor([prompt]),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
     )
-    return output[0, len(prompt):].tolist()
+    return output[0, len(prompt) :].tolist()
 
 
-def run_staggered(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams,
-                  arrivals: list[int]) -> list[Completion]:
+def run_staggered(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, arrivals: list[int]
+) -> list[Completion]:
     """Add prompt i at step arrivals[i]; step until everything finished."""
     completions = {f"r{i}": Completion(f"r{i}", p, [Choice(0)]) for i, p in enumerate(prompts)}
     step = 0
@@ -48,10 +52,15 @@ def test_greedy_equals_transformers_under_preemption(tiny_models, arch):
     prompts = [[rng.randrange(3, 380) for _ in range(n)] for n in PROMPT_LENGTHS]
     arrivals = [0, 0, 1, 2, 3, 5, 8, 13]
     # 40 blocks of 16 tokens cannot hold all eight sequences (~1,050 tokens): preemption must happen.
-    engine = LLMEngine(EngineConfig(
-        model=str(tiny_models[arch]), dtype="float32", max_total_tokens=512,
-        max_batch_total_tokens=640, max_batch_prefill_tokens=96,
-    ))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_models[arch]),
+            dtype="float32",
+            max_total_tokens=512,
+            max_batch_total_tokens=640,
+            max_batch_prefill_tokens=96,
+        )
+    )
     params = SamplingParams.make(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     results = run_staggered(engine, prompts, params, arrivals)
 
@@ -105,16 +114,24 @@ def test_n_choices_share_the_prompt_blocks(tiny_models):
 def test_same_seed_same_text_alone_and_in_a_batch_of_16(tiny_models):
     llm = LLM(str(tiny_models["llama"]), dtype="float32", max_total_tokens=512)
     prompt = list(range(20, 45))
-    seeded = SamplingParams.make(temperature=0.9, top_p=0.95, seed=1234, max_new_tokens=20,
-                                 ignore_eos=True)
+    seeded = SamplingParams.make(
+        temperature=0.9, top_p=0.95, seed=1234, max_new_tokens=20, ignore_eos=True
+    )
     [alone] = llm.generate([prompt], seeded)
     rng = random.Random(3)
     others = [[rng.randrange(3, 380) for _ in range(rng.randrange(1, 80))] for _ in range(15)]
-    other_params = [SamplingParams.make(temperature=1.0, seed=i if i % 2 else None,
-                                        max_new_tokens=rng.randrange(5, 30), ignore_eos=True)
-                    for i in range(15)]
-    batch = llm.generate(others[:7] + [prompt] + others[7:],
-                         other_params[:7] + [seeded] + other_params[7:])
+    other_params = [
+        SamplingParams.make(
+            temperature=1.0,
+            seed=i if i % 2 else None,
+            max_new_tokens=rng.randrange(5, 30),
+            ignore_eos=True,
+        )
+        for i in range(15)
+    ]
+    batch = llm.generate(
+        others[:7] + [prompt] + others[7:], other_params[:7] + [seeded] + other_params[7:]
+    )
     assert batch[7].token_ids == alone.token_ids
     assert batch[7].text == alone.text
     [other_seed] = llm.generate([prompt], seeded.with_seed(99))

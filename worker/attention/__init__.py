@@ -16,7 +16,9 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
         name = "flash" if FlashBackend.available(device) else "sdpa"
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}"
+        )
     backend = BACKENDS[name]
     if not backend.available(device):
         raise ValueError(f"attention backend {name!r} is not available on {device}")

@@ -57,8 +57,9 @@ class AttentionBackend(ABC):
         ...
 
     @staticmethod
-    def write_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
+    def write_cache(
+        kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
         num_kv_heads, head_dim = k.shape[-2:]
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)

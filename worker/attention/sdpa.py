@@ -50,8 +50,10 @@ class SdpaBackend(AttentionBackend):
     def _decode_tensors(self, batch: StepBatch, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         lens = batch.context_lens[:count]
         max_blocks = -(-max(lens) // self.block_size)
-        rows = [table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks]))
-                for table in batch.block_tables[:count]]
+        rows = [
+            table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks]))
+            for table in batch.block_tables[:count]
+        ]
         tables = torch.tensor(rows, device=self.device)
         positions = torch.arange(max_blocks * self.block_size, device=self.device)
         lengths = torch.tensor(lens, device=self.device)
@@ -86,7 +88,11 @@ class SdpaBackend(AttentionBackend):
         query = q.transpose(0, 1)
         if span.context_len == span.query_len:
             out = F.scaled_dot_product_attention(
-                query, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale,
+                query,
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                is_causal=True,
+                scale=scale,
                 enable_gqa=True,
             )
             return out.transpose(0, 1)

@@ -86,8 +86,15 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams,
-                    *, resume_output_ids: Seq[int] = (), first_event_seq: int = 0) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: Seq[int],
+        params: SamplingParams,
+        *,
+        resume_output_ids: Seq[int] = (),
+        first_event_seq: int = 0,
+    ) -> None:
         """Queue a request. `resume_output_ids` (single-choice requests) are tokens a previous
         worker already generated and delivered: they are kept, not sent again, and event
         numbering continues from `first_event_seq`."""
@@ -96,8 +103,10 @@ class LLMEngine:
         for index in range(params.sampling.n):
             seq = Sequence(request, index, output_ids=list(resume_output_ids))
             seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, request.prompt_ids,
-                skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                self.tokenizer,
+                request.prompt_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
                 initial_output_ids=resume_output_ids,
             )
@@ -129,8 +138,9 @@ class LLMEngine:
         if resumed and params.sampling.n != 1:
             raise RequestError("only single-choice requests can be resumed")
 
-    def abort_request(self, request_id: str, reason: FinishReason = "cancelled",
-                      error: ErrorInfo | None = None) -> list[Event]:
+    def abort_request(
+        self, request_id: str, reason: FinishReason = "cancelled", error: ErrorInfo | None = None
+    ) -> list[Event]:
         """End a request now: its blocks are freed and each unfinished choice gets its
         terminal event."""
         request = self.requests.pop(request_id, None)

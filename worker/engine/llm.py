@@ -65,8 +65,11 @@ class LLM:
             return self.engine.tokenizer.encode(prompt).ids
         return list(prompt)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
         """Run the prompts together in one continuous batch; results in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -104,11 +107,14 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._run, name="spindle-engine", daemon=True)
         self._thread.start()
 
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[Event]:
+    async def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> AsyncIterator[Event]:
         params = params or SamplingParams()
         request_id = f"async-{next(self._ids)}"
-        prompt_ids = (self.engine.tokenizer.encode(prompt).ids if isinstance(prompt, str)
-                      else list(prompt))
+        prompt_ids = (
+            self.engine.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        )
         events: asyncio.Queue = asyncio.Queue()
         self._listeners[request_id] = (asyncio.get_running_loop(), events)
         self._commands.put(("add", request_id, prompt_ids, params))

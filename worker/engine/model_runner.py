@@ -31,8 +31,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, files, max_positions: int,
-                 parallel: ParallelContext = SINGLE):
+    def __init__(
+        self,
+        config: EngineConfig,
+        hf_config,
+        files,
+        max_positions: int,
+        parallel: ParallelContext = SINGLE,
+    ):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.num_threads and self.device.type == "cpu":
@@ -48,8 +54,12 @@ class ModelRunner:
         self._allocate_kv_cache()
         log.info(
             "model ready: %s on %s (%s), attention %s, KV cache %d blocks x %d tokens",
-            type(self.model).__name__, self.device, self.dtype, self.backend.name,
-            self.num_blocks, self.block_size,
+            type(self.model).__name__,
+            self.device,
+            self.dtype,
+            self.backend.name,
+            self.num_blocks,
+            self.block_size,
         )
 
     # -- KV cache -----------------------------------------------------------------------------
@@ -84,8 +94,13 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         for layer in self.attention_layers:
             layer.kv_cache = torch.zeros(
-                2, self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
-                dtype=self.dtype, device=self.device,
+                2,
+                self.num_blocks,
+                self.block_size,
+                layer.num_kv_heads,
+                layer.head_dim,
+                dtype=self.dtype,
+                device=self.device,
             )
 
     # -- one step -----------------------------------------------------------------------------
@@ -110,8 +125,9 @@ class ModelRunner:
             token_ids.extend(seq.token_ids(start, end))
             positions.extend(range(start, end))
             blocks = seq.block_ids
-            slots.extend(blocks[p // block_size] * block_size + p % block_size
-                         for p in range(start, end))
+            slots.extend(
+                blocks[p // block_size] * block_size + p % block_size for p in range(start, end)
+            )
             query_lens.append(item.num_tokens)
             context_lens.append(end)
             tables.append(blocks)
@@ -122,7 +138,10 @@ class ModelRunner:
             num_decodes += 1
         device = self.device
         batch = StepBatch(
-            query_lens, context_lens, tables, num_decodes,
+            query_lens,
+            context_lens,
+            tables,
+            num_decodes,
             torch.tensor(slots, dtype=torch.long, device=device),
         )
         return (

@@ -85,9 +85,7 @@ class Scheduler:
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Drop a request's unfinished sequences, freeing their blocks at once."""
-        dropped = [
-            s for s in [*self.running, *self.waiting] if s.request.request_id == request_id
-        ]
+        dropped = [s for s in [*self.running, *self.waiting] if s.request.request_id == request_id]
         for seq in dropped:
             self._finish(seq, "cancelled")
         return dropped

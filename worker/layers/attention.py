@@ -21,8 +21,9 @@ class Attention(nn.Module):
         self.scale = scale
         self.kv_cache = torch.empty(0)  # [2, blocks, block_size, kv_heads, head_dim]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_meta: AttentionMetadata
+    ) -> torch.Tensor:
         tokens = q.shape[0]
         out = attn_meta.backend.forward(
             q.view(tokens, self.num_heads, self.head_dim),

@@ -18,7 +18,9 @@ class VocabParallelEmbedding(nn.Module):
         padded = -(-vocab_size // parallel.world_size) * parallel.world_size
         self.vocab_per_rank = padded // parallel.world_size
         self.vocab_start = parallel.rank * self.vocab_per_rank
-        self.weight = nn.Parameter(torch.zeros(self.vocab_per_rank, hidden_size), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(self.vocab_per_rank, hidden_size), requires_grad=False
+        )
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:

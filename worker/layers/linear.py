@@ -25,15 +25,22 @@ def _parameter(*shape: int) -> nn.Parameter:
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     tensor = loaded[:] if not isinstance(loaded, torch.Tensor) else loaded
     if tuple(tensor.shape) != tuple(param.shape):
-        raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}")
+        raise ValueError(
+            f"checkpoint shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}"
+        )
     param.data.copy_(tensor)
 
 
 class ColumnParallelLinear(nn.Module):
     """y = x Wᵀ + b with W's rows (output features) split across ranks."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 parallel: ParallelContext = SINGLE):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        parallel: ParallelContext = SINGLE,
+    ):
         super().__init__()
         self.parallel = parallel
         self.out_per_rank = parallel.split(out_features, "output features")
@@ -55,8 +62,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs (e.g. gate_proj and up_proj) in one weight; checkpoint
     tensors arrive one by one with `shard_id` = their position in `output_sizes`."""
 
-    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False,
-                 parallel: ParallelContext = SINGLE):
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: Sequence[int],
+        bias: bool = False,
+        parallel: ParallelContext = SINGLE,
+    ):
         self.output_sizes = [parallel.split(size, "output features") for size in output_sizes]
         super().__init__(in_features, sum(output_sizes), bias, parallel)
 
@@ -72,8 +84,15 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one weight. Query heads split across ranks; KV heads split too,
     or — with more ranks than KV heads — each rank holds a replica of the one it needs."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, parallel: ParallelContext = SINGLE):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        parallel: ParallelContext = SINGLE,
+    ):
         world = parallel.world_size
         self.head_dim = head_dim
         self.num_heads = parallel.split(num_heads, "attention heads")
@@ -107,8 +126,13 @@ class RowParallelLinear(nn.Module):
     """y = x Wᵀ + b with W's columns (input features) split across ranks and the partial
     products all-reduced; the bias is added once, after the reduction."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 parallel: ParallelContext = SINGLE):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        parallel: ParallelContext = SINGLE,
+    ):
         super().__init__()
         self.parallel = parallel
         self.in_per_rank = parallel.split(in_features, "input features")

@@ -17,8 +17,14 @@ from worker.models import model_class
 log = logging.getLogger(__name__)
 
 
-def build_model(config, weights: Iterable, dtype: torch.dtype, device: torch.device,
-                parallel: ParallelContext = SINGLE, max_positions: int = 4096) -> nn.Module:
+def build_model(
+    config,
+    weights: Iterable,
+    dtype: torch.dtype,
+    device: torch.device,
+    parallel: ParallelContext = SINGLE,
+    max_positions: int = 4096,
+) -> nn.Module:
     cls = model_class(config)
     with torch.device(device):
         model = cls(config, parallel, max_positions)
@@ -39,7 +45,9 @@ def load_weights(model: nn.Module, weights: Iterable) -> None:
             continue
         target, shard_id = _target(name, packed)
         if target not in params:
-            raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}"
+            )
         param = params[target]
         loader = getattr(param, "weight_loader", default_weight_loader)
         loader(param, tensor, shard_id)
@@ -57,7 +65,7 @@ def _target(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, obje
 def _check_complete(model, params, loaded, packed, tied) -> None:
     expected = set()
     shards_of: dict[str, list[object]] = {}
-    for checkpoint_part, (param_part, shard_id) in packed.items():
+    for _checkpoint_part, (param_part, shard_id) in packed.items():
         shards_of.setdefault(param_part, []).append(shard_id)
     for name in params:
         if tied and name == "lm_head.weight":
@@ -70,4 +78,6 @@ def _check_complete(model, params, loaded, packed, tied) -> None:
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"the checkpoint lacks {len(missing)} tensors of {type(model).__name__}: {shown}")
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} tensors of {type(model).__name__}: {shown}"
+        )

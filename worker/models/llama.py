@@ -20,8 +20,15 @@ from worker.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, parallel: ParallelContext, max_positions: int,
-                 qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(
+        self,
+        config,
+        parallel: ParallelContext,
+        max_positions: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+    ):
         super().__init__()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -39,8 +46,9 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                attn_meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, attn_meta: AttentionMetadata
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.q_size // self.head_dim, self.head_dim)
         k = k.reshape(-1, self.kv_size // self.head_dim, self.head_dim)
@@ -54,7 +62,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, config, parallel: ParallelContext, bias: bool = False):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, parallel)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [size, size], bias, parallel
+        )
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, parallel)
         self.act_fn = SiluAndMul()
 
@@ -121,8 +131,9 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata
+    ) -> torch.Tensor:
         return self.model(input_ids, positions, attn_meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

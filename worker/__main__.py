@@ -1,0 +1,28 @@
+"""`python -m worker --model DIR ...`: one worker process serving one model from Redis."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from common.settings import load_settings
+from worker.service import WorkerService
+from worker.settings import WorkerSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(WorkerSettings, argv, prog="python -m worker")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.log_file is not None:
+        handlers.append(logging.FileHandler(settings.log_file))
+    logging.basicConfig(
+        level=logging.INFO,
+        handlers=handlers,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    WorkerService.start(settings).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The worker's side of the Redis contract (DESIGN.md): pull jobs from the model's stream as a
+member of group `workers`, publish every request's events of a step in one pipeline, keep resume
+progress, register the model, heartbeat, and claim the jobs of workers whose heartbeat expired.
+Synchronous redis-py: the worker loop is one thread, and a step's I/O is one round trip."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from common.chat import ModelCard
+from common.keys import WORKER_GROUP, Keys
+from common.protocol import ErrorInfo, Event, Job, ProtocolError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_TTL_S = 3600
+CANCELLED_CHECK_BATCH = 64
+
+
+@dataclass
+class Delivery:
+    """A job taken from the stream: `message_id` is what XACK/XDEL need; `deliveries` counts how
+    often the stream has handed it out (1 unless claimed from a dead worker)."""
+
+    message_id: str
+    job: Job
+    deliveries: int = 1
+
+
+class JobQueue:
+    def __init__(self, client: redis.Redis, keys: Keys, model: str, worker_id: str):
+        self.client = client
+        self.keys = keys
+        self.model = model
+        self.worker_id = worker_id
+        self.stream = keys.requests(model)
+        self._cancels = client.pubsub(ignore_subscribe_messages=True)
+        self._cancels.subscribe(keys.cancel)
+        self._ensure_group()
+
+    def _ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, WORKER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    # -- registration and liveness -----------------------------------------------------------
+
+    def register(self, card: ModelCard) -> None:
+        self.client.hset(self.keys.model(self.model), mapping=card.to_hash())
+
+    def heartbeat(self, status: dict, ttl_s: float) -> None:
+        payload = {"id": self.worker_id, "model": self.model, "heartbeat": time.time(), **status}
+        self.client.set(self.keys.worker(self.worker_id), json.dumps(payload), px=int(ttl_s * 1000))
+
+    def unregister(self) -> None:
+        self.client.delete(self.keys.worker(self.worker_id))
+
+    def is_alive(self, worker_id: str) -> bool:
+        return bool(self.client.exists(self.keys.worker(worker_id)))
+
+    # -- taking work --------------------------------------------------------------------------
+
+    def pull(self, count: int, block_ms: int | None) -> list[Delivery]:
+        """Up to `count` new jobs; blocks up to `block_ms` when none is queued (None = no wait)."""
+        reply = self.client.xreadgroup(
+            WORKER_GROUP, self.worker_id, {self.stream: ">"}, count=count, block=block_ms
+        )
+        deliveries = []
+        for _stream, messages in reply or []:
+            for message_id, fields in messages:
+                delivery = self._decode(message_id, fields)
+                if delivery is not None:
+                    deliveries.append(delivery)
+        return deliveries
+
+    def claim_orphans(self, min_idle_ms: int, count: int) -> list[Delivery]:
+        """Jobs delivered to workers whose heartbeat has expired, now claimed by this worker."""
+        pending = self.client.xpending_range(
+            self.stream, WORKER_GROUP, min="-", max="+", count=100, idle=min_idle_ms
+        )
+        dead_owners = {
+            entry["consumer"] for entry in pending if entry["consumer"] != self.worker_id
+        }
+        dead_owners = {owner for owner in dead_owners if not self.is_alive(_text(owner))}
+        orphans = [entry for entry in pending if entry["consumer"] in dead_owners][:count]
+        claimed = []
+        for entry in orphans:
+            reply = self.client.xclaim(
+                self.stream, WORKER_GROUP, self.worker_id, min_idle_ms, [entry["message_id"]]
+            )
+            for message_id, fields in reply:
+                if fields is None:
+                    continue
+                delivery = self._decode(message_id, fields, entry["times_delivered"] + 1)
+                if delivery is not None:
+                    claimed.append(delivery)
+        return claimed
+
+    def _decode(self, message_id, fields, deliveries: int = 1) -> Delivery | None:
+        message_id = _text(message_id)
+        raw = fields.get(b"job") or fields.get("job")
+        try:
+            return Delivery(message_id, Job.from_json(raw or b""), deliveries)
+        except ProtocolError as err:
+            log.error("dropping malformed job %s: %s", message_id, err)
+            self.client.xadd(
+                self.keys.dead(self.model), {"message_id": message_id, "error": str(err)}
+            )
+            self.acknowledge(message_id)
+            return None
+
+    def acknowledge(self, message_id: str) -> None:
+        self.client.pipeline(transaction=False).xack(self.stream, WORKER_GROUP, message_id).xdel(
+            self.stream, message_id
+        ).execute()
+
+    def progress(self, request_id: str) -> list[int]:
+        return [int(token) for token in self.client.lrange(self.keys.progress(request_id), 0, -1)]
+
+    def dead_letter(self, delivery: Delivery, error: ErrorInfo) -> None:
+        self.client.xadd(
+            self.keys.dead(self.model),
+            {
+                "message_id": delivery.message_id,
+                "job": delivery.job.to_json(),
+                "error": error.message,
+                "worker": self.worker_id,
+            },
+        )
+
+    # -- cancellation -------------------------------------------------------------------------
+
+    def poll_cancels(self) -> list[str]:
+        ids = []
+        while (message := self._cancels.get_message(timeout=0)) is not None:
+            ids.append(_text(message["data"]))
+        return ids
+
+    def cancelled(self, request_ids: list[str]) -> set[str]:
+        """Which of these requests a gateway cancelled before a worker picked them up."""
+        if not request_ids:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.exists(self.keys.cancelled(request_id))
+        return {rid for rid, found in zip(request_ids, pipe.execute(), strict=True) if found}
+
+    # -- the step's output --------------------------------------------------------------------
+
+    def publish(self, events: list[Event], finished: dict[str, str]) -> dict[str, int]:
+        """Send a step's events in one round trip; record resume progress; XACK + XDEL the jobs
+        that ended (`finished`: request id -> message id). Returns, per request, the listener
+        count of its last PUBLISH."""
+        pipe = self.client.pipeline(transaction=False)
+        for event in events:
+            pipe.publish(self.keys.events(event.id), event.to_json())
+            if event.token_ids and event.usage is None:
+                pipe.rpush(self.keys.progress(event.id), *event.token_ids)
+                pipe.expire(self.keys.progress(event.id), PROGRESS_TTL_S)
+        for request_id, message_id in finished.items():
+            pipe.xack(self.stream, WORKER_GROUP, message_id)
+            pipe.xdel(self.stream, message_id)
+            pipe.delete(self.keys.progress(request_id))
+        replies = pipe.execute()
+        listeners: dict[str, int] = {}
+        position = 0
+        for event in events:
+            listeners[event.id] = replies[position]
+            position += 3 if event.token_ids and event.usage is None else 1
+        return listeners
+
+    def close(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self._cancels.close()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

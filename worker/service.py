@@ -1,0 +1,318 @@
+"""The worker service: the loop that ties the engine to Redis.
+
+    take cancels -> admit jobs (only as many as can start soon) -> engine.step() -> publish
+
+An idle worker blocks in XREADGROUP (no busy loop). Every job ends with exactly one terminal
+event: finished, cancelled, refused (bad input), timed out, or failed — and is then XACKed and
+XDELed. Jobs of dead workers are claimed and resumed from their progress lists; a job delivered
+`max_deliveries` times goes to the dead letters with an error event to its client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
+
+import redis
+
+from common.chat import ModelCard
+from common.keys import Keys
+from common.protocol import ErrorInfo, Event, Job, Usage
+from worker.engine.engine import LLMEngine, RequestError
+from worker.job_queue import Delivery, JobQueue
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("spindle.worker")
+
+IDLE_BLOCK_MS = 1000  # how long an idle worker waits in XREADGROUP before its housekeeping
+ORPHAN_SCAN_S = 2.0
+SILENT_STEPS_BEFORE_CANCEL = 3  # steps with no listener before a streamed request is dropped
+
+
+@dataclass
+class InFlight:
+    """A job this worker runs: where it came from and its timings for the request log line."""
+
+    delivery: Delivery
+    admitted: float
+    first_token: float | None = None
+    silent_steps: int = 0
+    tokens: int = 0
+    finish: str | None = None
+
+
+@dataclass
+class WorkerService:
+    settings: WorkerSettings
+    engine: LLMEngine
+    queue: JobQueue
+    inflight: dict[str, InFlight] = field(default_factory=dict)
+    stopping: bool = False
+    _last_heartbeat: float = 0.0
+    _last_orphan_scan: float = 0.0
+
+    @classmethod
+    def start(cls, settings: WorkerSettings) -> WorkerService:
+        worker_id = (
+            settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        engine = LLMEngine(settings.engine_config())
+        client = redis.Redis.from_url(settings.redis_url)
+        queue = JobQueue(client, Keys(settings.prefix), settings.model_name(), worker_id)
+        card = ModelCard.from_folder(
+            settings.model_name(),
+            engine.files.root,
+            max_input_tokens=engine.max_input_tokens,
+            max_total_tokens=engine.max_total_tokens,
+            eos_token_ids=engine.eos_token_ids,
+        )
+        queue.register(card)
+        return cls(settings, engine, queue)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, self._on_sigterm)
+        self._heartbeat(force=True)
+        log.info("worker %s serving %s", self.queue.worker_id, self.queue.model)
+        deadline = None
+        while True:
+            if self.stopping:
+                deadline = deadline or time.time() + self.settings.shutdown_timeout
+                if not self.inflight or time.time() > deadline:
+                    break
+            self.iterate()
+        self._hand_back()
+
+    def iterate(self) -> None:
+        """One pass: housekeeping, admissions, one engine step, one publish."""
+        self._apply_cancels()
+        self._expire_deadlines()
+        if not self.stopping:
+            self._admit(self._claim_orphans() + self._pull())
+        self._publish(self._step())
+        self._heartbeat()
+
+    def _step(self) -> list[Event]:
+        if not self.engine.has_unfinished:
+            return []
+        try:
+            return self.engine.step()
+        except Exception as err:  # a failed step must end its requests, not the worker
+            log.exception("engine step failed; ending the running requests with an error")
+            error = ErrorInfo(
+                f"internal error in the worker: {type(err).__name__}", "internal_error"
+            )
+            return self.engine.abort_all("error", error)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.info(
+            "signal %d: taking no more work, finishing %d requests", signum, len(self.inflight)
+        )
+        self.stopping = True
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _capacity(self) -> int:
+        """How many new jobs to take: free batch slots, but none while sequences already wait
+        (what cannot start soon stays in the stream for other workers)."""
+        stats = self.engine.stats()
+        if stats["waiting"]:
+            return 0
+        return max(0, self.settings.max_batch_size - stats["running"])
+
+    def _pull(self) -> list[Delivery]:
+        capacity = self._capacity()
+        if capacity == 0:
+            return []
+        block = None if self.engine.has_unfinished else IDLE_BLOCK_MS
+        return self.queue.pull(capacity, block)
+
+    def _claim_orphans(self) -> list[Delivery]:
+        now = time.time()
+        if now - self._last_orphan_scan < ORPHAN_SCAN_S or self._capacity() == 0:
+            return []
+        self._last_orphan_scan = now
+        min_idle_ms = int(self.settings.heartbeat_ttl * 1000)
+        return self.queue.claim_orphans(min_idle_ms, self._capacity())
+
+    def _admit(self, deliveries: list[Delivery]) -> None:
+        cancelled = self.queue.cancelled([d.job.id for d in deliveries])
+        for delivery in deliveries:
+            job = delivery.job
+            if job.id in cancelled:
+                self._refuse(delivery, "cancelled", None)
+            elif job.deadline is not None and time.time() > job.deadline:
+                self._refuse(
+                    delivery, "error", ErrorInfo("the request timed out in the queue", "timeout")
+                )
+            elif delivery.deliveries > self.settings.max_deliveries:
+                self._dead_letter(delivery)
+            else:
+                self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        job = delivery.job
+        resumed = self.queue.progress(job.id) if delivery.deliveries > 1 else []
+        try:
+            self.engine.add_request(
+                job.id,
+                job.prompt_ids,
+                job.params(),
+                resume_output_ids=resumed,
+                first_event_seq=len(resumed),
+            )
+        except RequestError as err:
+            self._refuse(delivery, "error", ErrorInfo(str(err), "invalid_request_error"))
+            return
+        if resumed or delivery.deliveries > 1:
+            log.info(
+                "resuming %s after %d tokens (delivery %d)",
+                job.id,
+                len(resumed),
+                delivery.deliveries,
+            )
+        self.inflight[job.id] = InFlight(delivery, time.time(), tokens=len(resumed))
+
+    def _refuse(self, delivery: Delivery, finish, error: ErrorInfo | None) -> None:
+        """End a job that never entered the engine with its one terminal event."""
+        job = delivery.job
+        seq = job.resume_from
+        events = [
+            Event(
+                id=job.id,
+                seq=seq + i,
+                index=i,
+                finish=finish,
+                error=error,
+                usage=_empty_usage(job) if i == job.sampling.n - 1 else None,
+                worker=self.queue.worker_id,
+            )
+            for i in range(job.sampling.n)
+        ]
+        self.queue.publish(events, {job.id: delivery.message_id})
+        log.info(
+            "request %s ended before running: %s %s", job.id, finish, error.message if error else ""
+        )
+
+    def _dead_letter(self, delivery: Delivery) -> None:
+        error = ErrorInfo(
+            f"the request was abandoned by {delivery.deliveries - 1} workers that died running "
+            f"it; it is kept in the dead letters",
+            "dead_letter",
+        )
+        self.queue.dead_letter(delivery, error)
+        self._refuse(delivery, "error", error)
+
+    # -- cancellation and deadlines -----------------------------------------------------------
+
+    def _apply_cancels(self) -> None:
+        for request_id in self.queue.poll_cancels():
+            if request_id in self.inflight:
+                self._publish(self.engine.abort_request(request_id))
+
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        for request_id, flight in list(self.inflight.items()):
+            deadline = flight.delivery.job.deadline
+            if deadline is not None and now > deadline:
+                error = ErrorInfo("the request timed out", "timeout")
+                self._publish(self.engine.abort_request(request_id, "error", error))
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _publish(self, events: list[Event]) -> None:
+        if not events:
+            return
+        now = time.time()
+        finished: dict[str, str] = {}
+        stamped = []
+        for event in events:
+            flight = self.inflight.get(event.id)
+            if flight is None:
+                continue
+            if event.token_ids:
+                flight.first_token = flight.first_token or now
+                flight.tokens += len(event.token_ids)
+            if event.usage is not None:
+                finished[event.id] = flight.delivery.message_id
+                flight.finish = event.finish
+            stamped.append(_with_worker(event, self.queue.worker_id))
+        listeners = self.queue.publish(stamped, finished)
+        for request_id in finished:
+            self._log_request(self.inflight.pop(request_id), now)
+        self._drop_abandoned(listeners)
+
+    def _drop_abandoned(self, listeners: dict[str, int]) -> None:
+        """A request whose events nobody hears (its gateway died) is cancelled after a few steps."""
+        for request_id, count in listeners.items():
+            flight = self.inflight.get(request_id)
+            if flight is None:
+                continue
+            flight.silent_steps = 0 if count else flight.silent_steps + 1
+            if flight.silent_steps >= SILENT_STEPS_BEFORE_CANCEL:
+                log.info("request %s has no listener: cancelling", request_id)
+                self._publish(self.engine.abort_request(request_id))
+
+    def _log_request(self, flight: InFlight, now: float) -> None:
+        job = flight.delivery.job
+        queue_s = max(0.0, flight.admitted - job.created) if job.created else 0.0
+        ttft = (flight.first_token - flight.admitted) if flight.first_token else None
+        log.info(
+            "request id=%s model=%s prompt_tokens=%d completion_tokens=%d finish=%s "
+            "queue=%.3fs ttft=%s total=%.3fs",
+            job.id,
+            job.model,
+            len(job.prompt_ids),
+            flight.tokens,
+            flight.finish,
+            queue_s,
+            f"{ttft:.3f}s" if ttft is not None else "-",
+            now - flight.admitted,
+        )
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_heartbeat < self.settings.heartbeat_ttl / 4:
+            return
+        self._last_heartbeat = now
+        runner = self.engine.runner
+        status = {
+            **self.engine.stats(),
+            "device": str(runner.device),
+            "dtype": str(runner.dtype).removeprefix("torch."),
+            "shards": 1,
+            "version": _version(),
+            "stopping": self.stopping,
+        }
+        self.queue.heartbeat(status, self.settings.heartbeat_ttl)
+
+    def _hand_back(self) -> None:
+        """On shutdown, unfinished jobs stay pending in the stream; removing the heartbeat lets
+        another worker claim and resume them at once."""
+        if self.inflight:
+            log.info("handing back %d unfinished requests", len(self.inflight))
+        self.queue.unregister()
+        self.queue.close()
+
+
+def _with_worker(event: Event, worker_id: str) -> Event:
+    return replace(event, worker=worker_id)
+
+
+def _empty_usage(job: Job) -> Usage:
+    return Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=job.resume_from)
+
+
+def _version() -> str:
+    try:
+        return version("spindle")
+    except PackageNotFoundError:
+        return "0+unknown"
