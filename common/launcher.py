@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -135,6 +136,14 @@ class Launcher:
                 *self.plan.gateway_args,
             ],
         )
+
+    def _thread_args(self) -> list[str]:
+        """Split the CPU cores between CPU workers: OpenMP threads that outnumber the cores
+        wait on each other at every operator and run several times slower, not a bit slower."""
+        if "--num-threads" in self.plan.worker_args:
+            return []
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return ["--num-threads", str(max(1, (cores or 1) // self.plan.workers))]
 
     def wait_ready(self) -> bool:
         """Poll /health until a worker has registered; False if a child died first."""

@@ -113,9 +113,29 @@ class Job:
         data = _load(raw, "Job")
         try:
             sampling = Sampling(**data.pop("sampling", {}))
-            return cls(sampling=sampling, **data)
+            job = cls(sampling=sampling, **data)
         except TypeError as err:
             raise ProtocolError(f"malformed Job: {err}") from err
+        job._check_types()
+        return job
+
+    def _check_types(self) -> None:
+        def ints(values: Any) -> bool:
+            return isinstance(values, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in values
+            )
+
+        problems = []
+        if not isinstance(self.id, str) or not isinstance(self.model, str):
+            problems.append("id and model must be strings")
+        if not ints(self.prompt_ids) or not ints(self.stop_token_ids):
+            problems.append("prompt_ids and stop_token_ids must be lists of integers")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            problems.append("stop must be a list of strings")
+        if not isinstance(self.max_new_tokens, int) or not isinstance(self.sampling.n, int):
+            problems.append("max_new_tokens and n must be integers")
+        if problems:
+            raise ProtocolError(f"malformed Job: {'; '.join(problems)}")
 
 
 @dataclass(frozen=True)
@@ -188,7 +208,7 @@ class Event:
 def _load(raw: str | bytes, kind: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ProtocolError(f"{kind} is not JSON: {err}") from err
     if not isinstance(data, dict):
         raise ProtocolError(f"{kind} must be a JSON object")

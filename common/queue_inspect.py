@@ -13,7 +13,7 @@ import redis
 from common.keys import WORKER_GROUP, Keys
 
 
-def snapshot(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+def snapshot(client: Any, keys: Keys) -> dict[str, Any]:
     now = time.time()
     workers = _workers(client, keys, now)
     models = sorted(
@@ -28,11 +28,11 @@ def snapshot(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     }
 
 
-def _names(client: redis.Redis, pattern: str, prefix: str) -> list[str]:
+def _names(client: Any, pattern: str, prefix: str) -> list[str]:
     return [_text(key)[len(prefix) :] for key in client.scan_iter(match=pattern, count=500)]
 
 
-def _model_row(client: redis.Redis, keys: Keys, model: str, now: float) -> dict[str, Any]:
+def _model_row(client: Any, keys: Keys, model: str, now: float) -> dict[str, Any]:
     stream = keys.requests(model)
     length = client.xlen(stream)
     in_flight, oldest_age = 0, None
@@ -54,7 +54,7 @@ def _model_row(client: redis.Redis, keys: Keys, model: str, now: float) -> dict[
     }
 
 
-def _workers(client: redis.Redis, keys: Keys, now: float) -> list[dict[str, Any]]:
+def _workers(client: Any, keys: Keys, now: float) -> list[dict[str, Any]]:
     rows = []
     for key in client.scan_iter(match=keys.worker_pattern(), count=500):
         raw = client.get(key)

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -35,7 +36,8 @@ class Delivery:
 
 class JobQueue:
     def __init__(self, client: redis.Redis, keys: Keys, model: str, worker_id: str):
-        self.client = client
+        # redis-py types its sync client as maybe-awaitable; this worker only uses it synchronously.
+        self.client: Any = client
         self.keys = keys
         self.model = model
         self.worker_id = worker_id

@@ -10,6 +10,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from common.protocol import Event, FinishReason, SamplingParams, TokenLogprob, Usage
 from worker.engine.config import EngineConfig
@@ -71,11 +72,10 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Run the prompts together in one continuous batch; results in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        params_list = _broadcast(params or SamplingParams(), len(prompts))
+        batch = _prompt_list(prompts)
+        params_list = _broadcast(params or SamplingParams(), len(batch))
         completions = {}
-        for prompt, prompt_params in zip(prompts, params_list, strict=True):
+        for prompt, prompt_params in zip(batch, params_list, strict=True):
             request_id = f"llm-{next(self._ids)}"
             prompt_ids = self.encode(prompt)
             self.engine.add_request(request_id, prompt_ids, prompt_params)
@@ -85,6 +85,13 @@ class LLM:
             for event in self.engine.step():
                 completions[event.id].apply(event)
         return list(completions.values())
+
+
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text or token ids) or several, as a list of prompts."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [cast(Prompt, prompts)]
+    return list(cast(Sequence[Prompt], prompts))
 
 
 def _broadcast(params, count: int) -> list[SamplingParams]:

@@ -76,7 +76,7 @@ class ModelRunner:
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * config.kv_cache_memory_fraction)
-            return max(1, budget // self._bytes_per_block())
+            tokens = budget // self._bytes_per_block() * self.block_size
         else:
             # Enough for a full batch of long sequences, capped at a quarter of free RAM.
             tokens = config.max_batch_size * max_positions

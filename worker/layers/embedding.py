@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.layers.linear import attach_loader
 from worker.layers.parallel import SINGLE, ParallelContext
 
 
@@ -21,7 +22,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(
             torch.zeros(self.vocab_per_rank, hidden_size), requires_grad=False
         )
-        self.weight.weight_loader = self.weight_loader
+        attach_loader(self.weight, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         end = min(self.vocab_start + self.vocab_per_rank, self.vocab_size)

@@ -22,6 +22,11 @@ def _parameter(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def attach_loader(param: nn.Parameter, loader) -> None:
+    """Give a parameter the function that copies its slice of a checkpoint tensor into it."""
+    param.weight_loader = loader  # type: ignore[attr-defined]
+
+
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     tensor = loaded[:] if not isinstance(loaded, torch.Tensor) else loaded
     if tuple(tensor.shape) != tuple(param.shape):
@@ -45,10 +50,10 @@ class ColumnParallelLinear(nn.Module):
         self.parallel = parallel
         self.out_per_rank = parallel.split(out_features, "output features")
         self.weight = _parameter(self.out_per_rank, in_features)
-        self.weight.weight_loader = self.weight_loader
+        attach_loader(self.weight, self.weight_loader)
         self.bias = _parameter(self.out_per_rank) if bias else None
         if self.bias is not None:
-            self.bias.weight_loader = self.weight_loader
+            attach_loader(self.bias, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         start = self.parallel.rank * self.out_per_rank
@@ -137,10 +142,10 @@ class RowParallelLinear(nn.Module):
         self.parallel = parallel
         self.in_per_rank = parallel.split(in_features, "input features")
         self.weight = _parameter(out_features, self.in_per_rank)
-        self.weight.weight_loader = self.weight_loader
+        attach_loader(self.weight, self.weight_loader)
         self.bias = _parameter(out_features) if bias else None
         if self.bias is not None:
-            self.bias.weight_loader = default_weight_loader
+            attach_loader(self.bias, default_weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         start = self.parallel.rank * self.in_per_rank

@@ -38,6 +38,8 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos_cache: torch.Tensor
+        self.sin_cache: torch.Tensor
         self.register_buffer("cos_cache", angles.cos() * scaling, persistent=False)
         self.register_buffer("sin_cache", angles.sin() * scaling, persistent=False)
 

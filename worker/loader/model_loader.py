@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
 
 from worker.layers.linear import default_weight_loader
 from worker.layers.parallel import SINGLE, ParallelContext
-from worker.models import model_class
+from worker.models import CausalLM, model_class
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,14 @@ def build_model(
     device: torch.device,
     parallel: ParallelContext = SINGLE,
     max_positions: int = 4096,
-) -> nn.Module:
+) -> CausalLM:
     cls = model_class(config)
     with torch.device(device):
         model = cls(config, parallel, max_positions)
     for param in model.parameters():
         param.data = param.data.to(dtype)
     load_weights(model, weights)
-    return model.eval()
+    return cast(CausalLM, model.eval())
 
 
 def load_weights(model: nn.Module, weights: Iterable) -> None:
@@ -63,7 +64,7 @@ def _target(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, obje
 
 
 def _check_complete(model, params, loaded, packed, tied) -> None:
-    expected = set()
+    expected: set[str] = set()
     shards_of: dict[str, list[object]] = {}
     for _checkpoint_part, (param_part, shard_id) in packed.items():
         shards_of.setdefault(param_part, []).append(shard_id)

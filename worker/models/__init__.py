@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
+import torch
 from torch import nn
 
 from worker.models.llama import LlamaForCausalLM
 from worker.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+
+
+class CausalLM(Protocol):
+    """What the model runner needs of every architecture."""
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta
+    ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def modules(self): ...
+
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
