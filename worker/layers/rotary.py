@@ -36,7 +36,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq, scaling = _inverse_frequencies(config, head_dim)
         positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
+        freqs = torch.outer(positions, inv_freq.to(positions.device))
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos_cache: torch.Tensor
         self.sin_cache: torch.Tensor

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU check, for a CUDA machine (the device machine: torch, transformers, triton; no network).
+# Runs the engine's exactness tests on CUDA (flash-attn backend when it imports, else sdpa) and the
+# mixed-32 benchmark against transformers static batching, and prints a short table. ~3-5 minutes.
+#   bench/gpu_check.sh [CONFIG_DIR]   (CONFIG_DIR: config.json + tokenizer files of the model to
+#                                     shape the benchmark after; default .gpu_assets/smollm2)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+out="${OUT:-/tmp}"
+config_dir="${1:-.gpu_assets/smollm2}"
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
+python3 -c "import flash_attn; print('flash-attn', flash_attn.__version__, '-> flash backend')" 2>/dev/null \
+    || echo "flash-attn: not importable -> sdpa backend"
+
+echo "== exactness on CUDA (greedy vs transformers, staggered arrivals, preemption)"
+python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu -s 2>&1 | grep -E "backend=|passed|failed|Error|assert" | tail -20
+
+echo "== mixed-32: spindle engine vs transformers static batching (same GPU, same run)"
+python3 -m bench.gpu_bench --config-dir "$config_dir" --out "$out/gpu_bench.json" 2>&1 | grep -vE "Warning|warn" | tail -8
