@@ -64,3 +64,17 @@ def test_demo_greedy_equals_transformers_in_a_changing_batch(demo_model_dir, tok
     for prompt, result in zip(prompts, results, strict=True):
         assert result.token_ids == reference_greedy(reference, prompt, 16), len(prompt)
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_stop_string_ends_the_answer_before_it(demo_model_dir, tokenizer):
+    llm = LLM(str(demo_model_dir), dtype="float32", max_total_tokens=2048)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    params = SamplingParams.make(temperature=0, max_new_tokens=32, stop=["of Fr"])
+    [result] = llm.generate([prompt], params)
+    assert result.text == "The capital "
+    assert result.choices[0].finish_reason == "stop"
