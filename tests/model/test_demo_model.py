@@ -32,14 +32,24 @@ def reference(demo_model_dir):
     return AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
 
 
-def test_capital_of_france(demo_model_dir, tokenizer):
-    llm = LLM(str(demo_model_dir), dtype="float32", max_total_tokens=2048)
+@pytest.fixture(scope="module")
+def demo_llm(demo_model_dir):
+    return LLM(str(demo_model_dir), dtype="float32", max_total_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def capital_question(tokenizer) -> list[int]:
+    """'What is the capital of France?' with the model's chat template, as token ids."""
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,
         tokenize=False,
     )
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_capital_of_france(demo_llm, capital_question):
+    llm, prompt = demo_llm, capital_question
     [result] = llm.generate([prompt], SamplingParams.make(temperature=0, max_new_tokens=32))
     assert result.text.strip() == "The capital of France is Paris."
     assert result.choices[0].finish_reason == "eos_token"
@@ -66,14 +76,8 @@ def test_demo_greedy_equals_transformers_in_a_changing_batch(demo_model_dir, tok
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
 
 
-def test_stop_string_ends_the_answer_before_it(demo_model_dir, tokenizer):
-    llm = LLM(str(demo_model_dir), dtype="float32", max_total_tokens=2048)
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+def test_stop_string_ends_the_answer_before_it(demo_llm, capital_question):
+    llm, prompt = demo_llm, capital_question
     params = SamplingParams.make(temperature=0, max_new_tokens=32, stop=["of Fr"])
     [result] = llm.generate([prompt], params)
     assert result.text == "The capital "
