@@ -437,3 +437,20 @@ def test_random_traffic_keeps_the_books_and_the_kv_contents_right(
         run_step(traffic, None, None)
     assert not traffic.scheduler.has_work, "the scheduler stopped making progress"
     check_outcome(traffic)
+
+
+def test_reset_prefix_cache_forgets_free_blocks_but_keeps_held_ones():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    request = Request("r", list(range(1, 14)), SamplingParams(), 0.0)
+    held, freed = Sequence(request, 0), Sequence(request, 1)
+    for seq in (held, freed):
+        assert blocks.grow(seq, 13)
+        seq.num_computed_tokens = 13
+        blocks.commit(seq)
+    blocks.free(freed)
+    blocks.reset_prefix_cache()
+    probe = Sequence(Request("p", list(range(1, 14)), SamplingParams(), 0.0), 0)
+    assert blocks.match_prefix(probe) == held.block_ids[:3]  # only the held blocks stay cached
+    blocks.free(held)
+    blocks.reset_prefix_cache()
+    assert blocks.match_prefix(probe) == []

@@ -83,6 +83,13 @@ class BlockManager:
         seq.num_computed_tokens = len(hits) * self.block_size
         self.num_cache_hit_tokens += seq.num_computed_tokens
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks measuring cold prompts; tests)."""
+        for block in self._blocks:
+            if block.ref_count == 0:
+                block.key = None
+        self._cached = {key: i for key, i in self._cached.items() if self._blocks[i].key == key}
+
     def commit(self, seq: Sequence) -> None:
         """Register the full, computed blocks of `seq` in the prefix cache."""
         if not self.enable_prefix_caching:

@@ -156,6 +156,9 @@ class LLMEngine:
     def abort_all(self, reason: FinishReason, error: ErrorInfo | None = None) -> list[Event]:
         return [e for rid in list(self.requests) for e in self.abort_request(rid, reason, error)]
 
+    def reset_prefix_cache(self) -> None:
+        self.scheduler.blocks.reset_prefix_cache()
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
