@@ -73,36 +73,50 @@ class SdpaBackend(AttentionBackend):
 
     def _decode(self, q, kv_cache, meta: SdpaMetadata, scale: float) -> torch.Tensor:
         assert meta.decode_block_tables is not None
-        num_kv_heads, head_dim = kv_cache.shape[-2:]
         count, max_blocks = meta.decode_block_tables.shape
-        # [2, decodes, blocks, block_size, kv_heads, head_dim] -> [2, decodes, kv_heads, len, dim]
-        gathered = kv_cache[:, meta.decode_block_tables]
-        gathered = gathered.view(2, count, max_blocks * self.block_size, num_kv_heads, head_dim)
-        keys, values = gathered.transpose(2, 3).unbind(0)
+        keys, values = (
+            _gather_blocks(kv_cache[i], meta.decode_block_tables.flatten())
+            .view(count, max_blocks * self.block_size, *kv_cache.shape[-2:])
+            .transpose(1, 2)
+            for i in (0, 1)
+        )
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
         )
         return out.squeeze(2)
 
     def _prefill(self, q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
-        query = q.transpose(0, 1)
+        # 4-D inputs ([1, heads, len, dim]): with 3-D ones torch picks its slow "math" kernel
+        # (measured 4.8 -> 2.0 ms fp32, 5.2 -> 0.65 ms bf16 per layer at 400 tokens).
+        query = q.transpose(0, 1).unsqueeze(0)
         if span.context_len == span.query_len:
             out = F.scaled_dot_product_attention(
                 query,
-                k.transpose(0, 1),
-                v.transpose(0, 1),
+                k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0),
                 is_causal=True,
                 scale=scale,
                 enable_gqa=True,
             )
-            return out.transpose(0, 1)
-        num_kv_heads, head_dim = kv_cache.shape[-2:]
-        gathered = kv_cache[:, span.block_table].view(2, -1, num_kv_heads, head_dim)
-        keys, values = gathered[:, : span.context_len].transpose(1, 2).unbind(0)
+            return out[0].transpose(0, 1)
+        keys, values = (
+            _gather_blocks(kv_cache[i], span.block_table)
+            .view(-1, *kv_cache.shape[-2:])[: span.context_len]
+            .transpose(0, 1)
+            .unsqueeze(0)
+            for i in (0, 1)
+        )
         offset = span.context_len - span.query_len
         rows = torch.arange(span.query_len, device=q.device)[:, None] + offset
         mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Copy whole blocks ([blocks, block_size, kv_heads, head_dim]) in table order. index_select
+    on the block dimension copies contiguous rows; advanced indexing of the 5-D cache was 5x
+    slower (fp32: 3.2 vs 16.7 ms for 32 sequences of up to 768 tokens)."""
+    return cache.index_select(0, block_ids)
