@@ -118,6 +118,7 @@ class Launcher:
                     self.plan.model,
                     "--redis-url",
                     redis_url,
+                    *self._thread_args(),
                     *self.plan.worker_args,
                 ],
             )
