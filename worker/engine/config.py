@@ -21,3 +21,4 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9  # of free device memory after the weights (CUDA)
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; default: torch's choice
+    num_shard: int = 1  # tensor-parallel ranks (processes); the driver spawns ranks 1..N-1

@@ -25,6 +25,7 @@ from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import Sampler, SamplingRow, make_generator
 from worker.engine.scheduler import SampledToken, Scheduler, SchedulerConfig, SchedulerOutput
 from worker.engine.sequence import Request, Sequence
+from worker.parallel.group import ShardGroup
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class LLMEngine:
             raise ValueError(f"{self.files.root} has no tokenizer.json")
         self.tokenizer = Tokenizer.from_file(str(self.files.tokenizer_path))
         self.max_total_tokens, self.max_input_tokens = self._limits()
-        self.runner = ModelRunner(config, self.hf_config, self.files, self.max_total_tokens)
+        self.shard_group = self._launch_shards() if config.num_shard > 1 else None
+        self.runner = self._make_runner()
         self.eos_token_ids = self._eos_token_ids()
         scheduler_config = SchedulerConfig(
             max_batch_size=config.max_batch_size,
@@ -56,6 +58,29 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, blocks)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
+
+    def _launch_shards(self) -> ShardGroup:
+        return ShardGroup.launch(
+            self.config, self.hf_config, self.files.root, self.max_total_tokens
+        )
+
+    def _make_runner(self) -> ModelRunner:
+        group = self.shard_group
+        if group is None:
+            return ModelRunner(self.config, self.hf_config, self.files, self.max_total_tokens)
+        return ModelRunner(
+            group.driver_config,
+            self.hf_config,
+            self.files,
+            self.max_total_tokens,
+            group.parallel,
+            group,
+        )
+
+    def close(self) -> None:
+        """Stop the shard ranks of a tensor-parallel group (nothing to do with one rank)."""
+        if self.shard_group is not None:
+            self.shard_group.close()
 
     # -- limits -------------------------------------------------------------------------------
 

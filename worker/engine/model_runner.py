@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from worker.attention import AttentionBackend, StepBatch, select_backend
+from worker.attention import AttentionBackend, select_backend
 from worker.engine.config import EngineConfig
 from worker.engine.scheduler import SchedulerOutput
 from worker.layers.attention import Attention
@@ -20,6 +21,10 @@ from worker.layers.parallel import SINGLE, ParallelContext
 from worker.loader.dtype import resolve_dtype
 from worker.loader.model_loader import build_model
 from worker.loader.weights import iter_weights
+from worker.parallel.step_message import StepMessage, broadcast_int
+
+if TYPE_CHECKING:
+    from worker.parallel.group import ShardGroup
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,9 @@ class ModelRunner:
         files,
         max_positions: int,
         parallel: ParallelContext = SINGLE,
+        shards: ShardGroup | None = None,  # on the driver of a group: where steps are sent
     ):
+        self.shards = shards
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.num_threads and self.device.type == "cpu":
@@ -51,6 +58,8 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._num_blocks(config, max_positions)
+        if parallel.world_size > 1:  # every rank's cache must hold the blocks rank 0 hands out
+            self.num_blocks = broadcast_int(self.num_blocks, self.device)
         self._allocate_kv_cache()
         log.info(
             "model ready: %s on %s (%s), attention %s, KV cache %d blocks x %d tokens",
@@ -108,13 +117,25 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> torch.Tensor:
         """Logits [sampling sequences, vocab] in float32, in `output.sampling()` order."""
-        input_ids, positions, batch, logits_indices = self._prepare(output)
-        meta = self.backend.build_metadata(batch)
-        hidden = self.model(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[logits_indices])
+        message = self._prepare(output)
+        if self.shards is None:
+            return self.forward(message)
+        try:
+            self.shards.send_step(message)
+            return self.forward(message)
+        except Exception:
+            self.shards.fail_if_rank_died()  # a dead rank ends the group; else re-raise
+            raise
+
+    @torch.inference_mode()
+    def forward(self, message: StepMessage) -> torch.Tensor:
+        """The forward pass of one step; every rank of a group runs it on the same message."""
+        meta = self.backend.build_metadata(message.step_batch())
+        hidden = self.model(message.input_ids, message.positions, meta)
+        logits = self.model.compute_logits(hidden[message.logits_indices])
         return logits[:, : self.vocab_size].float()
 
-    def _prepare(self, output: SchedulerOutput):
+    def _prepare(self, output: SchedulerOutput) -> StepMessage:
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -137,18 +158,15 @@ class ModelRunner:
         while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
             num_decodes += 1
         device = self.device
-        batch = StepBatch(
-            query_lens,
-            context_lens,
-            tables,
-            num_decodes,
-            torch.tensor(slots, dtype=torch.long, device=device),
-        )
-        return (
-            torch.tensor(token_ids, dtype=torch.long, device=device),
-            torch.tensor(positions, dtype=torch.long, device=device),
-            batch,
-            torch.tensor(logits_indices, dtype=torch.long, device=device),
+        return StepMessage(
+            input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=tables,
+            num_decodes=num_decodes,
         )
 
 
