@@ -49,7 +49,7 @@ class Gateway:
             redis,
             keys,
             ModelRegistry(redis, keys),
-            EventRelay(redis, keys),
+            EventRelay(redis, keys, metrics),
             admission,
             metrics,
             started,

@@ -31,4 +31,6 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    return Response(get_gateway(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    gateway = get_gateway(request)
+    body = await gateway.metrics.exposition(gateway.redis, gateway.keys)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from common.keys import Keys
 from common.protocol import Event, Job, ProtocolError
 from gateway.errors import ApiError
+from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("spindle.gateway")
 
@@ -83,14 +84,16 @@ class RelayStats:
 
     started: float = field(default_factory=time.monotonic)
     first_event: float | None = None
+    last_token: float | None = None  # when the latest token event arrived, for ITL
     completion_tokens: int = 0
     outcome: str = "incomplete"
 
 
 class EventRelay:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, metrics: GatewayMetrics | None = None) -> None:
         self._redis = redis
         self._keys = keys
+        self._metrics = metrics or GatewayMetrics()
 
     async def run(self, jobs: Sequence[Job]) -> AsyncIterator[tuple[int, Event]]:
         """Yield (position of the job in `jobs`, event) until every job is over. Close the
@@ -105,6 +108,7 @@ class EventRelay:
             async for position, event in self._read(pubsub, channels, orders, _wait_deadline(jobs)):
                 stats.first_event = stats.first_event or time.monotonic()
                 stats.completion_tokens += len(event.token_ids)
+                self._observe_token_event(jobs[0].model, stats, bool(event.token_ids))
                 if event.finish in ("cancelled", "error"):
                     stats.outcome = event.finish  # the reader usually stops here
                 yield position, event
@@ -118,6 +122,25 @@ class EventRelay:
                 await self._cancel(unfinished)
                 await _quietly(pubsub.aclose())
             _log_request(jobs, stats)
+            self._observe_generation(jobs, stats)
+
+    def _observe_token_event(self, model: str, stats: RelayStats, has_tokens: bool) -> None:
+        if not has_tokens:
+            return
+        now = time.monotonic()
+        if stats.last_token is not None:
+            self._metrics.observe_token_gap(model, now - stats.last_token)
+        stats.last_token = now
+
+    def _observe_generation(self, jobs: Sequence[Job], stats: RelayStats) -> None:
+        self._metrics.observe_generation(
+            jobs[0].model,
+            outcome=stats.outcome,
+            prompt_tokens=sum(len(job.prompt_ids) for job in jobs),
+            completion_tokens=stats.completion_tokens,
+            ttft_s=stats.first_event - stats.started if stats.first_event else None,
+            total_s=time.monotonic() - stats.started,
+        )
 
     async def _subscribe(self, pubsub: PubSub, channels: list[str]) -> None:
         await pubsub.subscribe(*channels)

@@ -26,6 +26,7 @@ from common.keys import Keys
 from common.protocol import ErrorInfo, Event, Job, Usage
 from worker.engine.engine import LLMEngine, RequestError
 from worker.job_queue import Delivery, JobQueue
+from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("spindle.worker")
@@ -53,6 +54,7 @@ class WorkerService:
     engine: LLMEngine
     queue: JobQueue
     inflight: dict[str, InFlight] = field(default_factory=dict)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     stopping: bool = False
     _last_heartbeat: float = 0.0
     _last_orphan_scan: float = 0.0
@@ -73,7 +75,10 @@ class WorkerService:
             eos_token_ids=engine.eos_token_ids,
         )
         queue.register(card)
-        return cls(settings, engine, queue)
+        service = cls(settings, engine, queue)
+        if settings.metrics_port is not None:
+            service.metrics.serve(settings.metrics_port)
+        return service
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -104,7 +109,8 @@ class WorkerService:
         if not self.engine.has_unfinished:
             return []
         try:
-            return self.engine.step()
+            with self.metrics.step(self.engine):
+                return self.engine.step()
         except Exception as err:  # a failed step must end its requests, not the worker
             log.exception("engine step failed; ending the running requests with an error")
             error = ErrorInfo(
@@ -172,7 +178,9 @@ class WorkerService:
         except RequestError as err:
             self._refuse(delivery, "error", ErrorInfo(str(err), "invalid_request_error"))
             return
+        self.metrics.admitted(time.time() - job.created if job.created else 0.0)
         if resumed or delivery.deliveries > 1:
+            self.metrics.resumed_jobs.inc()
             log.info(
                 "resuming %s after %d tokens (delivery %d)",
                 job.id,
@@ -198,6 +206,7 @@ class WorkerService:
             for i in range(job.sampling.n)
         ]
         self.queue.publish(events, {job.id: delivery.message_id})
+        self.metrics.finished(finish)
         log.info(
             "request %s ended before running: %s %s", job.id, finish, error.message if error else ""
         )
@@ -209,6 +218,7 @@ class WorkerService:
             "dead_letter",
         )
         self.queue.dead_letter(delivery, error)
+        self.metrics.dead_letters.inc()
         self._refuse(delivery, "error", error)
 
     # -- cancellation and deadlines -----------------------------------------------------------
@@ -241,6 +251,7 @@ class WorkerService:
             if event.token_ids:
                 flight.first_token = flight.first_token or now
                 flight.tokens += len(event.token_ids)
+                self.metrics.generated_tokens.inc(len(event.token_ids))
             if event.usage is not None:
                 finished[event.id] = flight.delivery.message_id
                 flight.finish = event.finish
@@ -263,6 +274,7 @@ class WorkerService:
 
     def _log_request(self, flight: InFlight, now: float) -> None:
         job = flight.delivery.job
+        self.metrics.finished(flight.finish)
         queue_s = max(0.0, flight.admitted - job.created) if job.created else 0.0
         ttft = (flight.first_token - flight.admitted) if flight.first_token else None
         log.info(
@@ -279,6 +291,7 @@ class WorkerService:
         )
 
     def _heartbeat(self, force: bool = False) -> None:
+        self.metrics.observe_engine(self.engine.stats(), self.engine.scheduler.num_preemptions)
         now = time.time()
         if not force and now - self._last_heartbeat < self.settings.heartbeat_ttl / 4:
             return
@@ -288,7 +301,7 @@ class WorkerService:
             **self.engine.stats(),
             "device": str(runner.device),
             "dtype": str(runner.dtype).removeprefix("torch."),
-            "shards": 1,
+            "shards": self.engine.config.num_shard,
             "version": _version(),
             "stopping": self.stopping,
         }

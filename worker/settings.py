@@ -30,10 +30,12 @@ class WorkerSettings:
     kv_cache_memory_fraction: float = setting(0.9, "share of free GPU memory for the KV cache")
     enable_prefix_caching: bool = setting(True, "reuse KV blocks of shared prefixes")
     num_threads: int | None = setting(None, "CPU threads for torch")
+    num_shard: int = setting(1, "tensor-parallel ranks (processes) in this worker group")
     heartbeat_ttl: float = setting(10.0, "seconds after its last heartbeat a worker counts as dead")
     max_deliveries: int = setting(3, "deliveries of one job before it goes to the dead letters")
     shutdown_timeout: float = setting(30.0, "on SIGTERM, seconds to finish running requests")
     log_file: Path | None = setting(None, "also log to this file")
+    metrics_port: int | None = setting(None, "serve Prometheus metrics on this port; none = off")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -53,6 +55,7 @@ class WorkerSettings:
             kv_cache_memory_fraction=self.kv_cache_memory_fraction,
             enable_prefix_caching=self.enable_prefix_caching,
             num_threads=self.num_threads,
+            num_shard=self.num_shard,
         )
 
     def model_name(self) -> str:

@@ -58,6 +58,7 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, blocks)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
+        self.last_step: SchedulerOutput | None = None  # what the last step ran (for metrics)
 
     def _launch_shards(self) -> ShardGroup:
         return ShardGroup.launch(
@@ -191,7 +192,7 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
-        output = self.scheduler.schedule()
+        output = self.last_step = self.scheduler.schedule()
         if not output.scheduled:
             return []
         logits = self.runner.execute(output)
