@@ -1,0 +1,290 @@
+"""A load generator for any OpenAI-compatible server (spindle's gateway, vLLM, llama-server):
+replays a workload (`bench/workloads.py`) as streaming `POST /v1/completions` requests with token
+id prompts, greedy and `ignore_eos`, and measures what a client sees.
+
+Per request: time to first token (TTFT, from when it was sent), inter-token latencies (ITL: gaps
+between consecutive content chunks), end-to-end latency and output tokens (from the final `usage`
+chunk). Per run: output tokens/s and requests/s over the wall time from the first request sent to
+the last one finished, and TTFT / ITL / latency percentiles. Requests are sent at their
+`arrival_s` (mixed-32: all at once; poisson: on its schedule).
+
+The statistics (`percentile`, `inter_token_latencies`, `summarise`) are pure functions of the
+recorded timestamps, so they are tested without a server (tests/unit/test_bench_load.py).
+
+    python -m bench.load --base-url http://127.0.0.1:8000 --model SmolLM2-135M-Instruct \\
+        --workload mixed-32 --out bench/results/load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.workloads import BenchRequest, Workload, load_workload
+
+PERCENTILES = (50, 90, 99)
+DEFAULT_TIMEOUT_S = 900.0
+
+
+@dataclass
+class RequestRecord:
+    """One request as the client saw it; times in seconds on `time.perf_counter`'s clock."""
+
+    index: int
+    sent_at: float
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each content chunk
+    finished_at: float | None = None
+    output_tokens: int | None = None  # from the usage chunk; None if the server sent none
+    expected_tokens: int = 0  # the workload's max_tokens
+    error: str | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.chunk_times[0] - self.sent_at if self.chunk_times else None
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.sent_at
+
+
+# -- statistics (pure) -----------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's
+    default); None for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0-100, got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def inter_token_latencies(chunk_times: Sequence[float]) -> list[float]:
+    """Gaps between consecutive content chunks (the first chunk's wait is TTFT, not an ITL)."""
+    return [later - earlier for earlier, later in zip(chunk_times, chunk_times[1:], strict=False)]
+
+
+def distribution(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean and the standard percentiles, in milliseconds."""
+    stats: dict[str, float | None] = {f"p{q}_ms": _ms(percentile(values, q)) for q in PERCENTILES}
+    stats["mean_ms"] = _ms(sum(values) / len(values)) if values else None
+    return stats
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def summarise(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """Throughput and latency of one run. The wall time runs from the first request sent to the
+    last one finished; only requests that finished without error count as completed."""
+    done = [r for r in records if r.error is None and r.finished_at is not None]
+    failed = len(records) - len(done)
+    if not done:
+        return {"requests": len(records), "completed": 0, "failed": failed}
+    start = min(r.sent_at for r in records)
+    wall_s = max(r.finished_at for r in done if r.finished_at is not None) - start
+    output_tokens = sum(_tokens(r) for r in done)
+    itl = [gap for r in done for gap in inter_token_latencies(r.chunk_times)]
+    return {
+        "requests": len(records),
+        "completed": len(done),
+        "failed": failed,
+        "wall_s": round(wall_s, 4),
+        "output_tokens": output_tokens,
+        "short_requests": sum(_tokens(r) != r.expected_tokens for r in done),
+        "output_tokens_per_s": round(output_tokens / wall_s, 2) if wall_s > 0 else None,
+        "requests_per_s": round(len(done) / wall_s, 4) if wall_s > 0 else None,
+        "ttft": distribution([r.ttft_s for r in done if r.ttft_s is not None]),
+        "itl": distribution(itl),
+        "latency": distribution([r.latency_s for r in done if r.latency_s is not None]),
+    }
+
+
+def _tokens(record: RequestRecord) -> int:
+    """Usage's count when the server sent one, else one token per content chunk."""
+    return record.output_tokens if record.output_tokens is not None else len(record.chunk_times)
+
+
+# -- the client --------------------------------------------------------------------------------
+
+
+def completion_body(model: str, request: BenchRequest, ignore_eos: bool) -> dict[str, Any]:
+    return {
+        "model": model,
+        "prompt": request.prompt_ids,
+        "max_tokens": request.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": ignore_eos,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def record_chunk(record: RequestRecord, payload: str, now: float) -> None:
+    """Fold one SSE `data:` payload into the record: a chunk with a non-empty choice is a content
+    chunk; a chunk with `usage` carries the output token count."""
+    chunk = json.loads(payload)
+    if "error" in chunk:
+        record.error = json.dumps(chunk["error"])[:300]
+        return
+    if any(
+        choice.get("text") or choice.get("finish_reason") is None
+        for choice in chunk.get("choices") or []
+    ):
+        record.chunk_times.append(now)
+    usage = chunk.get("usage")
+    if usage:
+        record.output_tokens = int(usage["completion_tokens"])
+
+
+async def send_one(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    record: RequestRecord,
+) -> None:
+    """Stream one completion into `record` (errors are recorded, not raised)."""
+    record.sent_at = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                record.error = f"HTTP {response.status_code}: {text[:300]}"
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                record_chunk(record, payload, time.perf_counter())
+        record.finished_at = time.perf_counter()
+    except httpx.HTTPError as err:
+        record.error = f"{type(err).__name__}: {err}"
+
+
+async def run_workload(
+    base_url: str,
+    model: str,
+    workload: Workload,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    api_key: str | None = None,
+) -> list[RequestRecord]:
+    """Send every request of `workload` at its arrival time; return when all have finished."""
+    url = base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    records = [
+        RequestRecord(index, 0.0, expected_tokens=r.max_tokens)
+        for index, r in enumerate(workload.requests)
+    ]
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s, connect=30), limits=limits, headers=headers
+    ) as client:
+        start = time.perf_counter()
+
+        async def at_arrival(request: BenchRequest, record: RequestRecord) -> None:
+            await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+            body = completion_body(model, request, workload.ignore_eos)
+            await send_one(client, url, body, record)
+
+        await asyncio.gather(
+            *(at_arrival(r, rec) for r, rec in zip(workload.requests, records, strict=True))
+        )
+    return records
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """One row per (label, summary)."""
+    lines = [
+        "| system | requests ok/all | output tok | s | tok/s | req/s "
+        "| TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms | latency p50 / p99 s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, s in rows:
+        if not s.get("completed"):
+            lines.append(f"| {label} | 0/{s['requests']} | | | | | | | |")
+            continue
+        ttft, itl, latency = s["ttft"], s["itl"], s["latency"]
+        lines.append(
+            f"| {label} | {s['completed']}/{s['requests']} | {s['output_tokens']} "
+            f"| {s['wall_s']:.2f} | {s['output_tokens_per_s']:.1f} | {s['requests_per_s']:.2f} "
+            f"| {_triple(ttft)} | {_triple(itl)} "
+            f"| {_s(latency['p50_ms'])} / {_s(latency['p99_ms'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _triple(stats: dict[str, float | None]) -> str:
+    return " / ".join(
+        "-" if stats[f"p{q}_ms"] is None else f"{stats[f'p{q}_ms']:.1f}" for q in PERCENTILES
+    )
+
+
+def _s(milliseconds: float | None) -> str:
+    return "-" if milliseconds is None else f"{milliseconds / 1000:.2f}"
+
+
+def report(label: str, workload: Workload, records: list[RequestRecord]) -> dict[str, Any]:
+    return {
+        "label": label,
+        "workload": workload.name,
+        "summary": summarise(records),
+        "requests": [
+            {**asdict(r), "ttft_s": r.ttft_s, "latency_s": r.latency_s, "chunk_times": None}
+            for r in records
+        ],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--model", required=True, help="the served model name")
+    parser.add_argument("--workload", default="mixed-32", help="name in bench/workloads/ or path")
+    parser.add_argument("--label", default=None, help="the system's name in the table")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per request, s")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    workload = load_workload(args.workload)
+    records = asyncio.run(
+        run_workload(
+            args.base_url, args.model, workload, timeout_s=args.timeout, api_key=args.api_key
+        )
+    )
+    result = report(args.label or args.base_url, workload, records)
+    errors = [r.error for r in records if r.error]
+    table = markdown_table([(result["label"], result["summary"])])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    if errors:
+        print(f"{len(errors)} of {len(records)} requests failed; first: {errors[0]}")
+
+
+if __name__ == "__main__":
+    main()

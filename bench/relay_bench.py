@@ -1,0 +1,276 @@
+"""The gateway's relay capacity: how many streamed tokens per second one `python -m gateway`
+process carries from Redis pub/sub to HTTP clients when the worker is never the bottleneck.
+
+The worker is `Publisher` below, a stand-in that registers a tiny model card and heartbeats like
+tests/integration/fake_worker.py (it reuses that module's `FakeWorker` with `consume=False` for
+both), XREADGROUPs jobs from `spindle:req:{model}` and PUBLISHes each job's `max_new_tokens`
+one-token events to `spindle:out:{id}` in pipelines, as fast as Redis takes them. The clients are
+bench/load.py's, K streaming completions at once, `rounds` times over. Each process (Redis,
+publisher, gateway, clients) has its own CPU time read from /proc, so the table shows which of
+them the run was waiting on.
+
+    python -m bench.relay_bench --clients 32 --tokens 512 --rounds 3 --out bench/results/relay.json
+
+The bar (issue 4): >= 20,000 relayed tokens/s from one gateway process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.load import run_workload, summarise
+from bench.workloads import BenchRequest, Workload
+from common.keys import WORKER_GROUP, Keys
+from common.launcher import free_port, redis_server_binary
+from common.protocol import Event, Job, Usage
+
+MODEL = "relay-bench"
+PROMPT_IDS = [5, 6, 7, 8, 9, 10, 11, 12]  # words of the fake worker's tiny vocabulary
+TOKEN_ID = 7  # "cat": every relayed token is the same one-word token
+EVENTS_PER_PIPELINE = 64
+REPO_ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 60.0
+
+
+# -- the publisher (a child process) -------------------------------------------------------------
+
+
+async def publish_job(redis: Any, keys: Keys, job: Job, worker_id: str) -> None:
+    """`job.max_new_tokens` one-token events, the last with finish and usage, in pipelines."""
+    channel = keys.events(job.id)
+    total = job.max_new_tokens
+    for first in range(0, total, EVENTS_PER_PIPELINE):
+        pipe = redis.pipeline(transaction=False)
+        for seq in range(first, min(first + EVENTS_PER_PIPELINE, total)):
+            last = seq == total - 1
+            event = Event(
+                id=job.id,
+                seq=seq,
+                token_ids=[TOKEN_ID],
+                text=" cat",
+                finish="length" if last else None,
+                usage=Usage(len(job.prompt_ids), total) if last else None,
+                worker=worker_id,
+            )
+            pipe.publish(channel, event.to_json())
+        await pipe.execute()
+
+
+async def serve_jobs(redis_url: str, prefix: str) -> None:
+    """Register + heartbeat (FakeWorker without consuming) and publish every job's tokens."""
+    from redis.asyncio import Redis
+    from redis.exceptions import ResponseError
+
+    from tests.integration.fake_worker import FakeWorker, tiny_model_card
+
+    card = tiny_model_card(MODEL, max_input_tokens=64, max_total_tokens=1 << 20)
+    registrar = FakeWorker(redis_url, prefix=prefix, card=card, consume=False)
+    keys, redis = Keys(prefix), Redis.from_url(redis_url)
+    stream = keys.requests(MODEL)
+    with contextlib.suppress(ResponseError):  # BUSYGROUP
+        await redis.xgroup_create(stream, WORKER_GROUP, id="0", mkstream=True)
+    heartbeat = asyncio.create_task(registrar.run())
+    running: set[asyncio.Task[None]] = set()
+    while True:
+        batches = await redis.xreadgroup(
+            WORKER_GROUP, registrar.worker_id, {stream: ">"}, count=64, block=100
+        )
+        for _, entries in batches or []:
+            for entry_id, fields in entries:
+                job = Job.from_json(fields[b"job"])
+                task = asyncio.create_task(publish_job(redis, keys, job, registrar.worker_id))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                await redis.xack(stream, WORKER_GROUP, entry_id)
+                await redis.xdel(stream, entry_id)
+        if heartbeat.done():
+            heartbeat.result()  # re-raise why registration stopped
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat fields 14 and 15)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def child(argv: list[str], log_dir: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process logging to `log_dir/name.log`, interrupted (then killed) on exit."""
+    with (log_dir / f"{name}.log").open("wb") as log:
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=log)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_healthy(url: str, processes: list[subprocess.Popen[bytes]], log_dir: Path) -> None:
+    """Until /health answers 200 (a worker heartbeat is registered)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes):
+            break
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in log_dir.glob("*.log"))
+    raise RuntimeError(f"gateway at {url} not healthy within {START_TIMEOUT_S:g} s\n{logs}")
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path | None, log_dir: Path) -> Iterator[None]:
+    """`py-spy record` on `pid` while the block runs, written to `out` (a flame graph .svg, or
+    py-spy's raw collapsed stacks for any other suffix); nothing when `out` is None."""
+    if out is None:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kind = "flamegraph" if out.suffix == ".svg" else "raw"
+    argv = ["py-spy", "record", "--pid", str(pid), "--output", str(out), "--format", kind,
+            "--rate", "200", "--nonblocking"]  # fmt: skip
+    with child(argv, log_dir, "py-spy"):
+        time.sleep(1.0)  # py-spy attaches before the load starts
+        yield
+
+
+# -- the measurement -----------------------------------------------------------------------------
+
+
+def relay_workload(clients: int, tokens: int) -> Workload:
+    request = BenchRequest(PROMPT_IDS, tokens)
+    return Workload(f"relay-{clients}x{tokens}", 0, [request] * clients)
+
+
+def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    redis_port, gateway_port = free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    prefix = f"relay{uuid.uuid4().hex[:6]}"
+    redis_argv = [redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
+                  "--save", "", "--appendonly", "no"]  # fmt: skip
+    publisher_argv = [sys.executable, "-m", "bench.relay_bench", "--publisher",
+                      "--redis-url", redis_url, "--prefix", prefix]  # fmt: skip
+    gateway_argv = [sys.executable, "-m", "gateway", "--host", "127.0.0.1",
+                    "--port", str(gateway_port), "--redis-url", redis_url, "--prefix", prefix,
+                    "--log-level", "warning"]  # fmt: skip
+    url = f"http://127.0.0.1:{gateway_port}"
+    with (
+        child(redis_argv, log_dir, "redis") as redis,
+        child(publisher_argv, log_dir, "publisher") as publisher,
+        child(gateway_argv, log_dir, "gateway") as gateway,
+    ):
+        wait_healthy(url, [redis, publisher, gateway], log_dir)
+        workload = relay_workload(args.clients, args.tokens)
+        asyncio.run(run_workload(url, MODEL, relay_workload(4, 16)))  # warm-up, untimed
+        pids = {"gateway": gateway.pid, "redis": redis.pid, "publisher": publisher.pid}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        with profiled(gateway.pid, args.profile, log_dir):
+            client_before, start = time.process_time(), time.perf_counter()
+            summaries = [
+                asyncio.run(run_workload(url, MODEL, workload)) for _ in range(args.rounds)
+            ]
+            wall_s = time.perf_counter() - start
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        cpu["client"] = time.process_time() - client_before
+    return relay_result(args, summaries, wall_s, cpu)
+
+
+def relay_result(
+    args: argparse.Namespace, rounds: list[list[Any]], wall_s: float, cpu: dict[str, float]
+) -> dict[str, Any]:
+    records = [record for round_records in rounds for record in round_records]
+    per_round = [summarise(round_records) for round_records in rounds]
+    tokens = sum(s.get("output_tokens", 0) for s in per_round)
+    failed = sum(s["failed"] for s in per_round)
+    return {
+        "clients": args.clients,
+        "tokens_per_request": args.tokens,
+        "rounds": args.rounds,
+        "requests": len(records),
+        "failed": failed,
+        "tokens": tokens,
+        "wall_s": round(wall_s, 3),
+        "tokens_per_s": round(tokens / wall_s, 1),
+        "best_round_tokens_per_s": max(s.get("output_tokens_per_s") or 0 for s in per_round),
+        "cpu_s": {name: round(seconds, 2) for name, seconds in cpu.items()},
+        "gateway_cpu_s_per_1k_tokens": round(1000 * cpu["gateway"] / tokens, 4) if tokens else None,
+        "per_round": per_round,
+        "load_average": os.getloadavg(),
+        "cores": os.cpu_count(),
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    cpu = result["cpu_s"]
+    shares = " / ".join(
+        f"{name} {cpu[name] / result['wall_s']:.0%}"
+        for name in ("gateway", "redis", "publisher", "client")
+    )
+    return (
+        "| clients x tokens x rounds | tokens | failed | s | relayed tok/s (best round) "
+        "| gateway CPU s / 1k tok | CPU share of wall: gateway / redis / publisher / client |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| {result['clients']} x {result['tokens_per_request']} x {result['rounds']} "
+        f"| {result['tokens']} | {result['failed']} | {result['wall_s']:.2f} "
+        f"| **{result['tokens_per_s']:,.0f}** ({result['best_round_tokens_per_s']:,.0f}) "
+        f"| {result['gateway_cpu_s_per_1k_tokens']:.3f} | {shares} |\n"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=32, help="concurrent streaming requests")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per request")
+    parser.add_argument("--rounds", type=int, default=3, help="waves of --clients requests")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/relay.json"))
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="py-spy the gateway into this file"
+    )
+    parser.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", default="spindle", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.publisher:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_jobs(args.redis_url, args.prefix))
+        return
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as log_dir:
+        result = measure(args, Path(log_dir))
+    table = markdown_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

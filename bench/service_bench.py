@@ -1,0 +1,269 @@
+"""The price of the service path: one workload through spindle's in-process engine, then the same
+workload end to end through `spindle serve` (Redis + worker process + gateway process, driven
+over HTTP by bench/load.py), on the same model, dtype, engine limits and 2 torch threads, in one
+run and never at the same time.
+
+* **in-process** — `LLM` with the worker's engine options, every request added at once and the
+  engine stepped to the end (`bench.engine_bench.run_spindle`); TTFT from the start.
+* **service** — `spindle serve` started as a subprocess with the same options, warmed up on a
+  short request, then the workload as streaming completions (token-id prompts, `ignore_eos`);
+  TTFT from each request's send. The in-process engine is freed before the service starts.
+
+The issue's bar: the service costs <= 5 % of the in-process throughput and <= 5 ms of TTFT p50.
+Read the TTFT cost on `single`: on mixed-32 the worker admits the requests as they reach the
+stream, a few per step, so its first prefills are smaller and earlier than the in-process engine's
+(which gets all 32 before its first step) and the service's TTFT p50 comes out *lower*.
+On a 2-core machine with 2 torch threads, the gateway, Redis and the client take CPU from the
+worker's OpenMP threads; `--threads 1` shows the path's own cost without that contention.
+
+    python -m bench.service_bench --dtype bfloat16 --workload mixed-32 \\
+        --out bench/results/service.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.load import percentile, run_workload, summarise
+from bench.workloads import BenchRequest, Workload, load_workload
+from common.launcher import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 600.0
+WARMUP = Workload("warmup", 0, [BenchRequest([504, 3469, 314, 253, 1345, 30, 378, 3834], 4)])
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine limits both systems run with (the worker's flags of the same names)."""
+    return {
+        "dtype": args.dtype,
+        "max_total_tokens": args.max_total_tokens,
+        "max_batch_total_tokens": args.max_batch_total_tokens,
+        "max_batch_size": args.max_batch_size,
+        "max_batch_prefill_tokens": args.max_batch_prefill_tokens,
+    }
+
+
+def as_flags(options: dict[str, Any]) -> list[str]:
+    return [
+        part
+        for key, value in options.items()
+        for part in (f"--{key.replace('_', '-')}", str(value))
+    ]
+
+
+def run_in_process(model_dir: Path, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    """The engine in this process; freed before returning so the service gets the cores."""
+    import torch
+
+    from bench.engine_bench import run_spindle
+    from worker.engine.llm import LLM
+
+    torch.set_num_threads(args.threads)
+    llm = LLM(str(model_dir), num_threads=args.threads, **engine_options(args))
+    run_spindle(llm, WARMUP, "warmup")  # untimed: first calls allocate and pick kernels
+    load = os.getloadavg()[0]
+    cpu_start = time.process_time()
+    seconds, ttft, outputs = run_spindle(llm, workload, "bench")
+    cpu_s = time.process_time() - cpu_start
+    del llm
+    gc.collect()
+    tokens = sum(map(len, outputs))
+    return {
+        "output_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "output_tokens_per_s": round(tokens / seconds, 2),
+        "ttft_p50_ms": round(percentile(ttft, 50) * 1000, 2),
+        "ttft_p99_ms": round(percentile(ttft, 99) * 1000, 2),
+        "cpu_s": round(cpu_s, 2),
+        "load_average": load,
+    }
+
+
+class Serve:
+    """`spindle serve` as a child: stdout read by a thread (for "spindle ready"), stderr logged."""
+
+    def __init__(self, model_dir: Path, args: argparse.Namespace, log_path: Path) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "common.cli", "--log-level", "WARNING", "serve",
+                "--model", str(model_dir), "--port", str(self.port),
+                "--num-threads", str(args.threads), *as_flags(engine_options(args))]  # fmt: skip
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPINDLE_")}
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log
+            )
+        self.ready = threading.Event()
+        threading.Thread(target=self._watch_stdout, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _watch_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            if raw.startswith(b"spindle ready"):
+                self.ready.set()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.ready.wait(0.5):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                state = (
+                    f"exited with {self.process.returncode}" if self.process.poll() else "not ready"
+                )
+                raise RuntimeError(f"spindle serve {state} after {READY_TIMEOUT_S:g} s\n{tail}")
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of the launcher and each child (worker, gateway, redis), from /proc."""
+        from bench.relay_bench import cpu_seconds
+
+        usage = {"launcher": cpu_seconds(self.process.pid)}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[1]) != self.process.pid:
+                    continue
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                role = next((r for r in ("worker", "gateway", "redis") if r in command), command)
+                usage[role] = usage.get(role, 0.0) + cpu_seconds(int(entry.name))
+            except (OSError, ValueError):
+                continue  # exited meanwhile
+        return usage
+
+    def stop(self) -> int:
+        """SIGINT, as Ctrl-C: the launcher stops gateway, worker and Redis in order."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def run_service(
+    model_dir: Path, workload: Workload, args: argparse.Namespace, log_dir: Path
+) -> dict[str, Any]:
+    serve = Serve(model_dir, args, log_dir / "serve.log")
+    try:
+        serve.wait_ready()
+        model = httpx.get(f"{serve.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        asyncio.run(run_workload(serve.url, model, WARMUP))  # untimed, like the engine's
+        load = os.getloadavg()[0]
+        cpu_before, client_before = serve.cpu_by_role(), time.process_time()
+        records = asyncio.run(run_workload(serve.url, model, workload))
+        cpu = {
+            role: round(s - cpu_before.get(role, 0.0), 2) for role, s in serve.cpu_by_role().items()
+        }
+        cpu["client"] = round(time.process_time() - client_before, 2)
+    finally:
+        serve.stop()
+    summary = summarise(records)
+    summary["load_average"] = load
+    summary["cpu_s"] = cpu
+    summary["errors"] = [r.error for r in records if r.error][:3]
+    return summary
+
+
+def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
+    if not service.get("completed"):
+        return {"throughput_ratio": None, "ttft_p50_cost_ms": None}
+    ratio = service["output_tokens_per_s"] / in_process["output_tokens_per_s"]
+    ttft_cost = service["ttft"]["p50_ms"] - in_process["ttft_p50_ms"]
+    return {
+        "throughput_ratio": round(ratio, 4),
+        "throughput_cost_pct": round(100 * (1 - ratio), 2),
+        "ttft_p50_cost_ms": round(ttft_cost, 2),
+        "meets_bar": bool(ratio >= 0.95 and ttft_cost <= 5.0),
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    a, b, c = report["in_process"], report["service"], report["comparison"]
+    head = (
+        "| dtype | workload | system | output tok | s | tok/s | TTFT p50 / p99 ms "
+        "| ITL p50 / p99 ms | CPU s | load |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    prefix = f"| {report['dtype']} | {report['workload']} "
+    rows = [
+        f"{prefix}| in-process | {a['output_tokens']} | {a['seconds']:.2f} "
+        f"| {a['output_tokens_per_s']:.1f} | {a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} | "
+        f"| {a['cpu_s']:.1f} | {a['load_average']:.1f} |"
+    ]
+    if b.get("completed"):
+        cpu = ", ".join(f"{role} {seconds:.1f}" for role, seconds in b["cpu_s"].items())
+        rows.append(
+            f"{prefix}| service | {b['output_tokens']} | {b['wall_s']:.2f} "
+            f"| {b['output_tokens_per_s']:.1f} | {b['ttft']['p50_ms']:.0f} / {b['ttft']['p99_ms']:.0f} "
+            f"| {b['itl']['p50_ms']:.1f} / {b['itl']['p99_ms']:.1f} | {cpu} | {b['load_average']:.1f} |"
+        )
+    verdict = (
+        f"\nservice / in-process throughput **{c['throughput_ratio']}** "
+        f"(cost {c.get('throughput_cost_pct')} %, bar <= 5 %); TTFT p50 cost "
+        f"**{c['ttft_p50_cost_ms']} ms** (bar <= 5 ms)\n"
+    )
+    return head + "\n".join(rows) + "\n" + verdict
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--model", type=Path, default=None, help="HF folder (default: the demo model)")
+    add("--dtype", default="bfloat16")
+    add("--workload", default="mixed-32", help="name in bench/workloads/ or path")
+    add("--threads", type=int, default=2, help="torch threads, both systems")
+    add("--max-total-tokens", type=int, default=1024)
+    add("--max-batch-total-tokens", type=int, default=16384, help="KV cache tokens, both systems")
+    add("--max-batch-size", type=int, default=32)
+    add("--max-batch-prefill-tokens", type=int, default=2048)
+    add("--out", type=Path, default=Path("bench/results/service.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from common.model_files import default_demo_dir, ensure_demo_model
+
+    model_dir = args.model or ensure_demo_model(default_demo_dir())
+    workload = load_workload(args.workload)
+    report: dict[str, Any] = {
+        "dtype": args.dtype,
+        "workload": workload.name,
+        "model": str(model_dir),
+    }
+    report["options"] = {**engine_options(args), "threads": args.threads}
+    report["in_process"] = run_in_process(model_dir, workload, args)
+    print(f"in-process: {report['in_process']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="service-bench-") as log_dir:
+        report["service"] = run_service(model_dir, workload, args, Path(log_dir))
+    report["comparison"] = compare(report["in_process"], report["service"])
+    report["load_average_end"] = os.getloadavg()
+    table = markdown_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

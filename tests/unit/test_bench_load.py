@@ -1,0 +1,118 @@
+"""bench/load.py's statistics on hand-made timings: percentiles, inter-token latencies, the parsing
+of streamed chunks and the aggregation of a run (no server, no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.load import (
+    RequestRecord,
+    completion_body,
+    distribution,
+    inter_token_latencies,
+    markdown_table,
+    percentile,
+    record_chunk,
+    summarise,
+)
+from bench.workloads import BenchRequest
+
+
+def test_percentile_interpolates_between_ranks_like_numpy() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 50) == pytest.approx(2.5)
+    assert percentile(values, 90) == pytest.approx(3.7)  # numpy.percentile([1,2,3,4], 90)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_percentile_rejects_out_of_range() -> None:
+    with pytest.raises(ValueError, match="0-100, got 101"):
+        percentile([1.0], 101)
+
+
+def test_inter_token_latencies_are_gaps_between_chunks() -> None:
+    assert inter_token_latencies([10.0, 10.5, 10.75, 12.0]) == [0.5, 0.25, 1.25]
+    assert inter_token_latencies([3.0]) == []
+    assert inter_token_latencies([]) == []
+
+
+def test_distribution_reports_milliseconds() -> None:
+    stats = distribution([0.010, 0.020, 0.030])
+    assert stats["p50_ms"] == pytest.approx(20.0)
+    assert stats["mean_ms"] == pytest.approx(20.0)
+    assert stats["p99_ms"] == pytest.approx(29.8)
+    assert distribution([])["p50_ms"] is None
+
+
+def test_record_chunk_counts_content_chunks_and_usage() -> None:
+    record = RequestRecord(0, sent_at=1.0)
+    record_chunk(record, json.dumps({"choices": [{"text": "Hi", "finish_reason": None}]}), 1.2)
+    # A token whose text is not complete yet (half a UTF-8 character) still arrives as a chunk.
+    record_chunk(record, json.dumps({"choices": [{"text": "", "finish_reason": None}]}), 1.3)
+    record_chunk(record, json.dumps({"choices": [{"text": "", "finish_reason": "length"}]}), 1.4)
+    record_chunk(record, json.dumps({"choices": [], "usage": {"completion_tokens": 3}}), 1.5)
+    assert record.chunk_times == [1.2, 1.3]
+    assert record.output_tokens == 3
+    assert record.ttft_s == pytest.approx(0.2)
+    assert record.error is None
+
+
+def test_record_chunk_keeps_a_streamed_error() -> None:
+    record = RequestRecord(0, sent_at=0.0)
+    record_chunk(record, json.dumps({"error": {"message": "worker died"}}), 0.5)
+    assert record.error is not None and "worker died" in record.error
+
+
+def _record(index: int, sent: float, chunks: list[float], end: float, tokens: int) -> RequestRecord:
+    return RequestRecord(index, sent, chunks, end, tokens, expected_tokens=tokens)
+
+
+def test_summarise_aggregates_throughput_and_latencies() -> None:
+    records = [
+        _record(0, 0.0, [0.1, 0.2, 0.3], 0.3, 3),
+        _record(1, 0.0, [0.3, 0.4, 0.6, 1.0], 1.0, 4),
+        _record(2, 0.5, [], 0.5, 0),
+    ]
+    records[2].error = "HTTP 429: too many requests"
+    summary = summarise(records)
+    assert (summary["requests"], summary["completed"], summary["failed"]) == (3, 2, 1)
+    assert summary["wall_s"] == pytest.approx(1.0)  # first sent at 0.0, last finished at 1.0
+    assert summary["output_tokens"] == 7
+    assert summary["output_tokens_per_s"] == pytest.approx(7.0)
+    assert summary["requests_per_s"] == pytest.approx(2.0)
+    assert summary["ttft"]["p50_ms"] == pytest.approx(200.0)  # TTFTs 100 and 300 ms
+    # ITLs: 100, 100 (request 0) and 100, 200, 400 ms (request 1)
+    assert summary["itl"]["p50_ms"] == pytest.approx(100.0)
+    assert summary["itl"]["p90_ms"] == pytest.approx(320.0)
+    assert summary["latency"]["p50_ms"] == pytest.approx(650.0)
+    assert summary["short_requests"] == 0
+
+
+def test_summarise_flags_requests_short_of_max_tokens_and_falls_back_to_chunks() -> None:
+    short = _record(0, 0.0, [0.1, 0.2], 0.2, 2)
+    short.expected_tokens = 5
+    no_usage = _record(1, 0.0, [0.1, 0.2, 0.4], 0.4, 3)
+    no_usage.output_tokens = None  # a server that sends no usage: one token per chunk
+    summary = summarise([short, no_usage])
+    assert summary["output_tokens"] == 5
+    assert summary["short_requests"] == 1
+
+
+def test_summarise_of_a_failed_run_has_no_throughput() -> None:
+    failed = RequestRecord(0, 0.0, error="ConnectError: refused")
+    assert summarise([failed]) == {"requests": 1, "completed": 0, "failed": 1}
+    assert "| spindle | 0/1 |" in markdown_table([("spindle", summarise([failed]))])
+
+
+def test_completion_body_asks_for_greedy_streaming_with_usage() -> None:
+    body = completion_body("m", BenchRequest([1, 2, 3], 16), ignore_eos=True)
+    assert body["prompt"] == [1, 2, 3]
+    assert body["max_tokens"] == 16
+    assert body["temperature"] == 0
+    assert body["stream"] is True and body["ignore_eos"] is True
+    assert body["stream_options"] == {"include_usage": True}
