@@ -335,6 +335,11 @@ def test_spindle_queue_matches_redis(service):
             lines = response.iter_lines()  # held: closing this iterator closes the connection
             while not next(lines).startswith("data: "):
                 pass
+            # The heartbeat is refreshed every ttl/4: wait until it shows the running request.
+            wait_for(
+                lambda: (heartbeat(stack.client, stack.prefix, worker.worker_id) or {}).get("running") == 1,
+                "the heartbeat to show the running request", 10, [worker],
+            )  # fmt: skip
             command = [sys.executable, "-m", "common.cli", "queue", "--json",
                        "--redis-url", stack.redis_url, "--prefix", stack.prefix]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -49,9 +50,15 @@ def run_shard(spec: ShardSpec, steps: Connection) -> None:
     )
     parallel = ParallelContext(spec.rank, spec.world_size)
     files = read_model_folder(Path(spec.model_root))
-    runner = ModelRunner(spec.config, files.load_config(), files, spec.max_positions, parallel)
-    log.info("rank %d/%d ready: %s of parameters", spec.rank, spec.world_size, _size(runner))
-    serve_steps(runner, steps)
+    parent = os.getppid()
+    try:
+        runner = ModelRunner(spec.config, files.load_config(), files, spec.max_positions, parallel)
+        log.info("rank %d/%d ready: %s of parameters", spec.rank, spec.world_size, _size(runner))
+        serve_steps(runner, steps)
+    except RuntimeError:
+        # A collective fails when the driver dies inside it: that is the driver's death, not ours.
+        _exit_if_driver_gone(parent)
+        raise
     dist.destroy_process_group()
 
 
@@ -74,6 +81,15 @@ def _next_header(steps: Connection, parent: int) -> StepHeader:
         return StepHeader.from_bytes(steps.recv_bytes())
     except EOFError:
         _driver_gone()
+
+
+def _exit_if_driver_gone(parent: int, wait_s: float = 2.0) -> None:
+    """The driver's sockets close a moment before the kernel re-parents us: wait that long."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if os.getppid() != parent:
+            _driver_gone()
+        time.sleep(0.05)
 
 
 def _driver_gone() -> NoReturn:
