@@ -4,6 +4,10 @@
 # mixed-32 benchmark against transformers static batching, and prints a short table. ~3-5 minutes.
 #   bench/gpu_check.sh [CONFIG_DIR]   (CONFIG_DIR: config.json + tokenizer files of the model to
 #                                     shape the benchmark after; default .gpu_assets/smollm2)
+# Prepare CONFIG_DIR here (the device machine has neither network nor the demo model), then send
+# it with the device tool's carry=[".gpu_assets"]:
+#   mkdir -p .gpu_assets/smollm2 && cp "$(.venv/bin/spindle model demo | tail -1)"/{config.json,\
+#       tokenizer.json,tokenizer_config.json,generation_config.json} .gpu_assets/smollm2/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
