@@ -19,6 +19,8 @@ import jinja2
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from common.model_files import eos_token_ids as model_eos_token_ids
+
 # tokenizer_config.json keys that describe how the file was saved rather than the tokenizer;
 # PreTrainedTokenizerFast rejects some of them as keyword arguments.
 _LOADER_ONLY_KEYS = frozenset(
@@ -117,8 +119,8 @@ class ModelCard:
         max_total_tokens: int,
         eos_token_ids: Sequence[int] | None = None,
     ) -> ModelCard:
-        """Read a Hugging Face model folder's tokenizer files. Without `eos_token_ids`, they come
-        from generation_config.json's (then config.json's) `eos_token_id`."""
+        """Read a Hugging Face model folder's tokenizer files. Without `eos_token_ids`, they are the
+        folder's (`common.model_files.eos_token_ids`)."""
         folder = Path(folder)
 
         def read(filename: str) -> str:
@@ -127,7 +129,7 @@ class ModelCard:
 
         generation_config = read("generation_config.json")
         if eos_token_ids is None:
-            eos_token_ids = _eos_ids(generation_config) or _eos_ids(read("config.json"))
+            eos_token_ids = model_eos_token_ids(folder)
         return cls(
             name=name,
             tokenizer_json=read("tokenizer.json"),
@@ -195,12 +197,3 @@ def _plain_token(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain_token(item) for item in value]
     return value
-
-
-def _eos_ids(config_text: str) -> list[int]:
-    if not config_text:
-        return []
-    eos = json.loads(config_text).get("eos_token_id")
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)

@@ -89,6 +89,22 @@ class ModelFiles:
         }
 
 
+def eos_token_ids(root: Path) -> list[int]:
+    """The ids that end generation: `eos_token_id` of generation_config.json and of config.json
+    (each an int or a list), merged."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = root / name
+        value = (
+            json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            if path.is_file()
+            else None
+        )
+        if value is not None:
+            ids.update(value if isinstance(value, list) else [value])
+    return sorted(ids)
+
+
 def architecture(config: PretrainedConfig | dict[str, Any]) -> str:
     """The model class the checkpoint was saved from, e.g. "LlamaForCausalLM"."""
     if isinstance(config, dict):

@@ -162,7 +162,9 @@ class JobQueue:
         that ended (`finished`: request id -> message id). Returns, per request, the listener
         count of its last PUBLISH."""
         pipe = self.client.pipeline(transaction=False)
+        publish_reply: dict[str, int] = {}  # request id -> index of its last PUBLISH's reply
         for event in events:
+            publish_reply[event.id] = len(pipe)
             pipe.publish(self.keys.events(event.id), event.to_json())
             if event.token_ids and event.usage is None:
                 pipe.rpush(self.keys.progress(event.id), *event.token_ids)
@@ -172,12 +174,7 @@ class JobQueue:
             pipe.xdel(self.stream, message_id)
             pipe.delete(self.keys.progress(request_id))
         replies = pipe.execute()
-        listeners: dict[str, int] = {}
-        position = 0
-        for event in events:
-            listeners[event.id] = replies[position]
-            position += 3 if event.token_ids and event.usage is None else 1
-        return listeners
+        return {request_id: replies[index] for request_id, index in publish_reply.items()}
 
     def close(self) -> None:
         with contextlib.suppress(redis.RedisError):

@@ -10,13 +10,14 @@ XDELed. Jobs of dead workers are claimed and resumed from their progress lists; 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import redis
@@ -64,7 +65,7 @@ class WorkerService:
         worker_id = (
             settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        engine = LLMEngine(settings.engine_config())
+        engine = LLMEngine(settings.engine_config(), worker_id)
         client = redis.Redis.from_url(settings.redis_url)
         queue = JobQueue(client, Keys(settings.prefix), settings.model_name(), worker_id)
         card = ModelCard.from_folder(
@@ -143,11 +144,14 @@ class WorkerService:
 
     def _claim_orphans(self) -> list[Delivery]:
         now = time.time()
-        if now - self._last_orphan_scan < ORPHAN_SCAN_S or self._capacity() == 0:
+        if now - self._last_orphan_scan < ORPHAN_SCAN_S:
+            return []
+        capacity = self._capacity()
+        if capacity == 0:
             return []
         self._last_orphan_scan = now
         min_idle_ms = int(self.settings.heartbeat_ttl * 1000)
-        return self.queue.claim_orphans(min_idle_ms, self._capacity())
+        return self.queue.claim_orphans(min_idle_ms, capacity)
 
     def _admit(self, deliveries: list[Delivery]) -> None:
         cancelled = self.queue.cancelled([d.job.id for d in deliveries])
@@ -243,11 +247,12 @@ class WorkerService:
             return
         now = time.time()
         finished: dict[str, str] = {}
-        stamped = []
+        known = []
         for event in events:
             flight = self.inflight.get(event.id)
             if flight is None:
                 continue
+            known.append(event)
             if event.token_ids:
                 flight.first_token = flight.first_token or now
                 flight.tokens += len(event.token_ids)
@@ -255,8 +260,7 @@ class WorkerService:
             if event.usage is not None:
                 finished[event.id] = flight.delivery.message_id
                 flight.finish = event.finish
-            stamped.append(_with_worker(event, self.queue.worker_id))
-        listeners = self.queue.publish(stamped, finished)
+        listeners = self.queue.publish(known, finished)
         for request_id in finished:
             self._log_request(self.inflight.pop(request_id), now)
         self._drop_abandoned(listeners)
@@ -291,14 +295,15 @@ class WorkerService:
         )
 
     def _heartbeat(self, force: bool = False) -> None:
-        self.metrics.observe_engine(self.engine.stats(), self.engine.scheduler.num_preemptions)
+        stats = self.engine.stats()
+        self.metrics.observe_engine(stats, self.engine.scheduler.num_preemptions)
         now = time.time()
         if not force and now - self._last_heartbeat < self.settings.heartbeat_ttl / 4:
             return
         self._last_heartbeat = now
         runner = self.engine.runner
         status = {
-            **self.engine.stats(),
+            **stats,
             "device": str(runner.device),
             "dtype": str(runner.dtype).removeprefix("torch."),
             "shards": self.engine.config.num_shard,
@@ -316,14 +321,11 @@ class WorkerService:
         self.queue.close()
 
 
-def _with_worker(event: Event, worker_id: str) -> Event:
-    return replace(event, worker=worker_id)
-
-
 def _empty_usage(job: Job) -> Usage:
     return Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=job.resume_from)
 
 
+@functools.cache
 def _version() -> str:
     try:
         return version("spindle")

@@ -9,14 +9,13 @@ for callers, and the worker service drives it from its Redis loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence as Seq
 
 from tokenizers import Tokenizer
 
-from common.model_files import resolve_model
+from common.model_files import eos_token_ids, resolve_model
 from common.protocol import ErrorInfo, Event, FinishReason, SamplingParams
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
@@ -35,8 +34,9 @@ class RequestError(ValueError):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, worker_id: str | None = None):
         self.config = config
+        self.worker_id = worker_id  # stamped on every event (the worker service's id)
         self.files = resolve_model(config.model, revision=config.revision)
         self.hf_config = self.files.load_config()
         if self.files.tokenizer_path is None:
@@ -45,7 +45,7 @@ class LLMEngine:
         self.max_total_tokens, self.max_input_tokens = self._limits()
         self.shard_group = self._launch_shards() if config.num_shard > 1 else None
         self.runner = self._make_runner()
-        self.eos_token_ids = self._eos_token_ids()
+        self.eos_token_ids = eos_token_ids(self.files.root)
         scheduler_config = SchedulerConfig(
             max_batch_size=config.max_batch_size,
             max_batch_prefill_tokens=config.max_batch_prefill_tokens,
@@ -99,17 +99,6 @@ class LLMEngine:
             )
         return total, max_input
 
-    def _eos_token_ids(self) -> list[int]:
-        ids: list[int] = []
-        generation = self.files.root / "generation_config.json"
-        sources = [getattr(self.hf_config, "eos_token_id", None)]
-        if generation.exists():
-            sources.insert(0, json.loads(generation.read_text()).get("eos_token_id"))
-        for value in sources:
-            if value is not None:
-                ids.extend(value if isinstance(value, list) else [value])
-        return sorted(set(ids))
-
     # -- requests -----------------------------------------------------------------------------
 
     def add_request(
@@ -125,7 +114,14 @@ class LLMEngine:
         worker already generated and delivered: they are kept, not sent again, and event
         numbering continues from `first_event_seq`."""
         self._validate(request_id, prompt_ids, params, resume_output_ids)
-        request = Request(request_id, list(prompt_ids), params, time.time(), first_event_seq)
+        request = Request(
+            request_id,
+            list(prompt_ids),
+            params,
+            time.time(),
+            first_event_seq,
+            worker=self.worker_id,
+        )
         for index in range(params.sampling.n):
             seq = Sequence(request, index, output_ids=list(resume_output_ids))
             seq.detokenizer = IncrementalDetokenizer(

@@ -86,6 +86,7 @@ class Request:
     arrival: float
     next_event_seq: int = 0  # Event.seq of the next event (continues across resumes)
     finishes_reported: int = 0  # choices whose finishing event has been made
+    worker: str | None = None  # the worker id its events carry (None in-process)
     sequences: list[Sequence] = field(default_factory=list)
 
     @property
@@ -119,6 +120,7 @@ class Request:
             finish=seq.finish_reason,
             usage=self.usage() if last else None,
             error=error,
+            worker=self.worker,
         )
         self.next_event_seq += 1
         return event
