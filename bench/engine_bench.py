@@ -24,7 +24,6 @@ import argparse
 import datetime
 import gc
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
+from bench.report import write_report
 from bench.workloads import BenchRequest, Workload, load_workload
 
 WARMUP_PROMPT = [504, 3469, 314, 253, 1345, 30, 378, 3834]  # a few ordinary text tokens
@@ -454,10 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         report["results"].append(bench_dtype(model_dir, dtype, workloads, args, config))
     report["machine"]["load_average_end"] = os.getloadavg()
     table = markdown_table(report["results"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.out, report, table)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from bench.report import write_report
 from bench.workloads import BenchRequest, Workload, load_workload
 
 PERCENTILES = (50, 90, 99)
@@ -278,10 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     result = report(args.label or args.base_url, workload, records)
     errors = [r.error for r in records if r.error]
     table = markdown_table([(result["label"], result["summary"])])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.out, result, table)
     if errors:
         print(f"{len(errors)} of {len(records)} requests failed; first: {errors[0]}")
 

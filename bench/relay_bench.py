@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -34,9 +33,10 @@ from typing import Any
 import httpx
 
 from bench.load import run_workload, summarise
+from bench.report import write_report
 from bench.workloads import BenchRequest, Workload
 from common.keys import WORKER_GROUP, Keys
-from common.launcher import free_port, redis_server_binary
+from common.launcher import ephemeral_redis_argv, free_port
 from common.protocol import Event, Job, Usage
 
 MODEL = "relay-bench"
@@ -171,8 +171,7 @@ def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     redis_port, gateway_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     prefix = f"relay{uuid.uuid4().hex[:6]}"
-    redis_argv = [redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
-                  "--save", "", "--appendonly", "no"]  # fmt: skip
+    redis_argv = ephemeral_redis_argv(redis_port)
     publisher_argv = [sys.executable, "-m", "bench.relay_bench", "--publisher",
                       "--redis-url", redis_url, "--prefix", prefix]  # fmt: skip
     gateway_argv = [sys.executable, "-m", "gateway", "--host", "127.0.0.1",
@@ -266,10 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as log_dir:
         result = measure(args, Path(log_dir))
     table = markdown_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.out, result, table)
 
 
 if __name__ == "__main__":

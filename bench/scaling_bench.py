@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from bench.engine_bench import WARMUP_NEW_TOKENS, WARMUP_PROMPT, machine_info, run_spindle
+from bench.report import write_report
 from bench.workloads import Workload, load_workload
 
 SPLITTABLE_SHAPE = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 72}
@@ -231,11 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**header, "results": [asdict(r) for r in results]}, indent=1))
     table = markdown_table(results, header)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.out, {**header, "results": [asdict(r) for r in results]}, table)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import signal
 import subprocess
@@ -39,6 +38,7 @@ from typing import Any
 import httpx
 
 from bench.load import percentile, run_workload, summarise
+from bench.report import write_report
 from bench.workloads import BenchRequest, Workload, load_workload
 from common.launcher import free_port
 
@@ -259,10 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     report["comparison"] = compare(report["in_process"], report["service"])
     report["load_average_end"] = os.getloadavg()
     table = markdown_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.out, report, table)
 
 
 if __name__ == "__main__":

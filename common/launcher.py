@@ -57,6 +57,12 @@ def redis_server_binary() -> str:
     return str(bundled)
 
 
+def ephemeral_redis_argv(port: int) -> list[str]:
+    """A redis-server on 127.0.0.1:port that keeps nothing on disk (launcher, tests, benches)."""
+    return [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no"]  # fmt: skip
+
+
 @dataclass
 class ServePlan:
     model: str
@@ -85,22 +91,7 @@ class Launcher:
         if self.plan.redis_url:
             return self.plan.redis_url
         port = free_port()
-        self._spawn(
-            "redis",
-            [
-                redis_server_binary(),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
-        )
+        self._spawn("redis", [*ephemeral_redis_argv(port), "--loglevel", "warning"])
         url = f"redis://127.0.0.1:{port}/0"
         _wait_for_port("127.0.0.1", port, timeout=20)
         return url

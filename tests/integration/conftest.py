@@ -23,7 +23,7 @@ import pytest
 import redis
 import uvicorn
 
-from common.launcher import free_port, redis_server_binary
+from common.launcher import ephemeral_redis_argv, free_port
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.integration.fake_worker import FakeWorker
@@ -45,9 +45,9 @@ class RedisServer:
     @classmethod
     def start(cls) -> RedisServer:
         port = free_port()
-        command = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                   "--save", "", "--appendonly", "no"]  # fmt: skip
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            ephemeral_redis_argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         server = cls(port, process)
         deadline = time.monotonic() + REDIS_START_TIMEOUT_S
         client = redis.Redis(port=port, socket_connect_timeout=0.2)
