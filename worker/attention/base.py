@@ -2,7 +2,8 @@
 
 A backend turns a step's `StepBatch` (which tokens belong to which sequence, where their K/V go)
 into its own metadata once per step, then serves every layer's `forward` with it. The KV cache of
-one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+one layer is one tensor, K then V on its first dimension, in the layout the backend's
+`kv_cache_shape` gives (the model runner allocates it; only the backend reads or writes it).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class AttentionBackend(ABC):
     def available(cls, device: torch.device) -> bool:
         return True
 
+    def kv_cache_shape(self, num_blocks: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """Token-major pages, [2, blocks, block_size, kv_heads, head_dim]: what paged kernels
+        such as flash-attn's read through a block table."""
+        return (2, num_blocks, self.block_size, num_kv_heads, head_dim)
+
     @abstractmethod
     def build_metadata(self, batch: StepBatch) -> AttentionMetadata: ...
 
@@ -56,10 +62,10 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [tokens, heads, head_dim]
         ...
 
-    @staticmethod
     def write_cache(
-        kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+        self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
+        """Store this step's K/V ([tokens, kv_heads, head_dim]) at their flat slots."""
         num_kv_heads, head_dim = k.shape[-2:]
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)

@@ -102,15 +102,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         for layer in self.attention_layers:
-            layer.kv_cache = torch.zeros(
-                2,
-                self.num_blocks,
-                self.block_size,
-                layer.num_kv_heads,
-                layer.head_dim,
-                dtype=self.dtype,
-                device=self.device,
-            )
+            shape = self.backend.kv_cache_shape(self.num_blocks, layer.num_kv_heads, layer.head_dim)
+            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # -- one step -----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
-        self.kv_cache = torch.empty(0)  # [2, blocks, block_size, kv_heads, head_dim]
+        self.kv_cache = torch.empty(0)  # K and V, in the backend's kv_cache_shape
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_meta: AttentionMetadata

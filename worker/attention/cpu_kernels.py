@@ -1,0 +1,55 @@
+"""Native CPU kernels, built from `csrc/` on first use with torch's JIT extension builder (g++,
+ninja) and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, default
+~/.cache/torch_extensions), so only the first process on a machine pays the ~30 s build;
+`scripts/bootstrap` builds them ahead (`python -m worker.attention.cpu_kernels`).
+
+`paged_decode` is decode attention read in place from the paged KV cache. Without a compiler the
+build fails once, a warning says why, and callers fall back to their pure-torch path;
+`SPINDLE_CPU_KERNELS=0` turns the kernels off on purpose (e.g. to compare the two paths).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def enabled() -> bool:
+    return os.environ.get("SPINDLE_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def native_module() -> Any | None:
+    """The built extension, or None when disabled or when it cannot be built here."""
+    if not enabled():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="spindle_cpu_kernels",
+            sources=[str(path) for path in SOURCES],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
+        log.warning("CPU kernels unavailable, using the pure-torch decode attention: %s", err)
+        return None
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO)
+    module = native_module()
+    print("spindle CPU kernels:", "built" if module is not None else "unavailable")
+
+
+if __name__ == "__main__":
+    main()
