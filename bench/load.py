@@ -115,6 +115,31 @@ def summarise(records: Sequence[RequestRecord]) -> dict[str, Any]:
     }
 
 
+def clocked_summary(seconds: float, ttft: Sequence[float], output_tokens: int) -> dict[str, Any]:
+    """A run timed without a client (an in-process engine): the keys of `summarise` that it can
+    fill — wall time, output tokens/s and TTFT from the start — so tables read both alike."""
+    return {
+        "requests": len(ttft),
+        "completed": len(ttft),
+        "failed": 0,
+        "wall_s": round(seconds, 4),
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": round(output_tokens / seconds, 2) if seconds > 0 else None,
+        "ttft": distribution(ttft),
+    }
+
+
+def best_run(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the highest output tokens/s (one with failed requests wins only when all
+    have some), with every repeat's tokens/s in run order under `repeat_tokens_per_s`."""
+    if not summaries:
+        raise ValueError("best_run needs at least one summary")
+    rates = [s.get("output_tokens_per_s") or 0.0 for s in summaries]
+    clean = [bool(s.get("completed")) and not s.get("failed") for s in summaries]
+    best = max(range(len(summaries)), key=lambda index: (clean[index], rates[index], -index))
+    return {**summaries[best], "repeat_tokens_per_s": rates}
+
+
 def _tokens(record: RequestRecord) -> int:
     """Usage's count when the server sent one, else one token per content chunk."""
     return record.output_tokens if record.output_tokens is not None else len(record.chunk_times)

@@ -9,6 +9,10 @@ run and never at the same time.
   short request, then the workload as streaming completions (token-id prompts, `ignore_eos`);
   TTFT from each request's send. The in-process engine is freed before the service starts.
 
+Both run with prefix caching off unless `--prefix-caching` (the warm-up and the `--repeat`s send
+the same prompts, and a warm cache would let a repeat skip its prefill); the fastest repeat counts.
+`run_served` drives any started server the same way (`bench.vllm_server.VLLMServer` too).
+
 The issue's bar: the service costs <= 5 % of the in-process throughput and <= 5 ms of TTFT p50.
 Read the TTFT cost on `single`: on mixed-32 the worker admits the requests as they reach the
 stream, a few per step, so its first prefills are smaller and earlier than the in-process engine's
@@ -33,11 +37,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
-from bench.load import percentile, run_workload, summarise
+from bench.load import best_run, clocked_summary, run_workload, summarise
 from bench.report import write_report
 from bench.workloads import BenchRequest, Workload, load_workload
 from common.launcher import free_port
@@ -45,6 +49,21 @@ from common.launcher import free_port
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 600.0
 WARMUP = Workload("warmup", 0, [BenchRequest([504, 3469, 314, 253, 1345, 30, 378, 3834], 4)])
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine flags every spindle run of a server benchmark shares (in-process and served)."""
+    add = parser.add_argument
+    add("--threads", type=int, default=2, help="torch threads, both systems")
+    add("--max-total-tokens", type=int, default=1024)
+    add("--max-batch-total-tokens", type=int, default=16384, help="KV cache tokens, both systems")
+    add("--max-batch-size", type=int, default=32)
+    add("--max-batch-prefill-tokens", type=int, default=2048)
+    add(
+        "--prefix-caching",
+        action="store_true",
+        help="let spindle reuse cached prompt blocks (off: repeats send the same prompts)",
+    )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,19 +74,27 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch_total_tokens": args.max_batch_total_tokens,
         "max_batch_size": args.max_batch_size,
         "max_batch_prefill_tokens": args.max_batch_prefill_tokens,
+        "enable_prefix_caching": args.prefix_caching,
     }
 
 
 def as_flags(options: dict[str, Any]) -> list[str]:
-    return [
-        part
-        for key, value in options.items()
-        for part in (f"--{key.replace('_', '-')}", str(value))
-    ]
+    """Worker flags: `--key value`, and `--key` / `--no-key` for booleans."""
+    flags = []
+    for key, value in options.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags.extend((f"--{name}", str(value)))
+    return flags
 
 
-def run_in_process(model_dir: Path, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    """The engine in this process; freed before returning so the service gets the cores."""
+def run_in_process(
+    model_dir: Path, workloads: list[Workload], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Each workload `args.repeat` times through the engine in this process, the fastest repeat
+    per workload; the engine is freed before returning so the service gets the cores."""
     import torch
 
     from bench.engine_bench import run_spindle
@@ -76,33 +103,41 @@ def run_in_process(model_dir: Path, workload: Workload, args: argparse.Namespace
     torch.set_num_threads(args.threads)
     llm = LLM(str(model_dir), num_threads=args.threads, **engine_options(args))
     run_spindle(llm, WARMUP, "warmup")  # untimed: first calls allocate and pick kernels
-    load = os.getloadavg()[0]
-    cpu_start = time.process_time()
-    seconds, ttft, outputs = run_spindle(llm, workload, "bench")
-    cpu_s = time.process_time() - cpu_start
+    results = {}
+    for workload in workloads:
+        runs = [in_process_once(llm, workload, f"{workload.name}-{i}") for i in range(args.repeat)]
+        results[workload.name] = best_run(runs)
     del llm
     gc.collect()
-    tokens = sum(map(len, outputs))
-    return {
-        "output_tokens": tokens,
-        "seconds": round(seconds, 3),
-        "output_tokens_per_s": round(tokens / seconds, 2),
-        "ttft_p50_ms": round(percentile(ttft, 50) * 1000, 2),
-        "ttft_p99_ms": round(percentile(ttft, 99) * 1000, 2),
-        "cpu_s": round(cpu_s, 2),
-        "load_average": load,
-    }
+    return results
+
+
+def in_process_once(llm: Any, workload: Workload, tag: str) -> dict[str, Any]:
+    from bench.engine_bench import run_spindle
+
+    load = os.getloadavg()[0]
+    cpu_start = time.process_time()
+    seconds, ttft, outputs = run_spindle(llm, workload, tag)
+    summary = clocked_summary(seconds, ttft, sum(map(len, outputs)))
+    summary["cpu_s"] = round(time.process_time() - cpu_start, 2)
+    summary["load_average"] = load
+    print(f"  in-process {workload.name}: {summary['output_tokens_per_s']} tok/s", flush=True)
+    return summary
 
 
 class Serve:
-    """`spindle serve` as a child: stdout read by a thread (for "spindle ready"), stderr logged."""
+    """`spindle serve` as a child: stdout read by a thread (for "spindle ready"), stderr logged.
+    As a context manager: waits until ready, stops on exit."""
 
-    def __init__(self, model_dir: Path, args: argparse.Namespace, log_path: Path) -> None:
+    def __init__(
+        self, model_dir: Path, options: dict[str, Any], threads: int, log_path: Path
+    ) -> None:
         self.port = free_port()
         argv = [sys.executable, "-m", "common.cli", "--log-level", "WARNING", "serve",
                 "--model", str(model_dir), "--port", str(self.port),
-                "--num-threads", str(args.threads), *as_flags(engine_options(args))]  # fmt: skip
+                "--num-threads", str(threads), *as_flags(options)]  # fmt: skip
         self.log_path = log_path
+        self.model = ""  # the served name, read from /v1/models once ready
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPINDLE_")}
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -110,6 +145,17 @@ class Serve:
             )
         self.ready = threading.Event()
         threading.Thread(target=self._watch_stdout, daemon=True).start()
+
+    def __enter__(self) -> Serve:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     @property
     def url(self) -> str:
@@ -130,6 +176,7 @@ class Serve:
                     f"exited with {self.process.returncode}" if self.process.poll() else "not ready"
                 )
                 raise RuntimeError(f"spindle serve {state} after {READY_TIMEOUT_S:g} s\n{tail}")
+        self.model = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
 
     def cpu_by_role(self) -> dict[str, float]:
         """CPU seconds so far of the launcher and each child (worker, gateway, redis), from /proc."""
@@ -161,35 +208,57 @@ class Serve:
             return self.process.wait()
 
 
-def run_service(
-    model_dir: Path, workload: Workload, args: argparse.Namespace, log_dir: Path
-) -> dict[str, Any]:
-    serve = Serve(model_dir, args, log_dir / "serve.log")
-    try:
-        serve.wait_ready()
-        model = httpx.get(f"{serve.url}/v1/models", timeout=10).json()["data"][0]["id"]
-        asyncio.run(run_workload(serve.url, model, WARMUP))  # untimed, like the engine's
-        load = os.getloadavg()[0]
-        cpu_before, client_before = serve.cpu_by_role(), time.process_time()
-        records = asyncio.run(run_workload(serve.url, model, workload))
-        cpu = {
-            role: round(s - cpu_before.get(role, 0.0), 2) for role, s in serve.cpu_by_role().items()
-        }
-        cpu["client"] = round(time.process_time() - client_before, 2)
-    finally:
-        serve.stop()
+class Server(Protocol):
+    """A started OpenAI-compatible server (`Serve`, `bench.vllm_server.VLLMServer`)."""
+
+    model: str
+
+    @property
+    def url(self) -> str: ...
+
+    def cpu_by_role(self) -> dict[str, float]: ...
+
+
+def run_served(server: Server, workloads: list[Workload], repeat: int) -> dict[str, dict[str, Any]]:
+    """One untimed warm-up request, then each workload `repeat` times; the fastest repeat per
+    workload (the server is the same throughout, so run it without prefix caching)."""
+    asyncio.run(run_workload(server.url, server.model, WARMUP))
+    return {
+        workload.name: best_run([served_once(server, workload) for _ in range(repeat)])
+        for workload in workloads
+    }
+
+
+def served_once(server: Server, workload: Workload) -> dict[str, Any]:
+    load = os.getloadavg()[0]
+    cpu_before, client_before = server.cpu_by_role(), time.process_time()
+    records = asyncio.run(run_workload(server.url, server.model, workload))
+    cpu = {
+        role: round(s - cpu_before.get(role, 0.0), 2) for role, s in server.cpu_by_role().items()
+    }
+    cpu["client"] = round(time.process_time() - client_before, 2)
     summary = summarise(records)
     summary["load_average"] = load
     summary["cpu_s"] = cpu
     summary["errors"] = [r.error for r in records if r.error][:3]
+    print(f"  served {workload.name}: {summary.get('output_tokens_per_s')} tok/s", flush=True)
     return summary
+
+
+def run_service(
+    model_dir: Path, workloads: list[Workload], args: argparse.Namespace, log_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """`spindle serve` with the in-process engine's options, each workload `args.repeat` times."""
+    options = engine_options(args)
+    with Serve(model_dir, options, args.threads, log_dir / "serve.log") as serve:
+        return run_served(serve, workloads, args.repeat)
 
 
 def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
     if not service.get("completed"):
         return {"throughput_ratio": None, "ttft_p50_cost_ms": None}
     ratio = service["output_tokens_per_s"] / in_process["output_tokens_per_s"]
-    ttft_cost = service["ttft"]["p50_ms"] - in_process["ttft_p50_ms"]
+    ttft_cost = service["ttft"]["p50_ms"] - in_process["ttft"]["p50_ms"]
     return {
         "throughput_ratio": round(ratio, 4),
         "throughput_cost_pct": round(100 * (1 - ratio), 2),
@@ -206,9 +275,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     )
     prefix = f"| {report['dtype']} | {report['workload']} "
     rows = [
-        f"{prefix}| in-process | {a['output_tokens']} | {a['seconds']:.2f} "
-        f"| {a['output_tokens_per_s']:.1f} | {a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} | "
-        f"| {a['cpu_s']:.1f} | {a['load_average']:.1f} |"
+        f"{prefix}| in-process | {a['output_tokens']} | {a['wall_s']:.2f} "
+        f"| {a['output_tokens_per_s']:.1f} | {a['ttft']['p50_ms']:.0f} / {a['ttft']['p99_ms']:.0f} "
+        f"| | {a['cpu_s']:.1f} | {a['load_average']:.1f} |"
     ]
     if b.get("completed"):
         cpu = ", ".join(f"{role} {seconds:.1f}" for role, seconds in b["cpu_s"].items())
@@ -231,11 +300,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--model", type=Path, default=None, help="HF folder (default: the demo model)")
     add("--dtype", default="bfloat16")
     add("--workload", default="mixed-32", help="name in bench/workloads/ or path")
-    add("--threads", type=int, default=2, help="torch threads, both systems")
-    add("--max-total-tokens", type=int, default=1024)
-    add("--max-batch-total-tokens", type=int, default=16384, help="KV cache tokens, both systems")
-    add("--max-batch-size", type=int, default=32)
-    add("--max-batch-prefill-tokens", type=int, default=2048)
+    add("--repeat", type=int, default=1, help="runs of each system; the fastest counts")
+    add_engine_arguments(parser)
     add("--out", type=Path, default=Path("bench/results/service.json"))
     return parser.parse_args(argv)
 
@@ -252,10 +318,9 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(model_dir),
     }
     report["options"] = {**engine_options(args), "threads": args.threads}
-    report["in_process"] = run_in_process(model_dir, workload, args)
-    print(f"in-process: {report['in_process']}", flush=True)
+    report["in_process"] = run_in_process(model_dir, [workload], args)[workload.name]
     with tempfile.TemporaryDirectory(prefix="service-bench-") as log_dir:
-        report["service"] = run_service(model_dir, workload, args, Path(log_dir))
+        report["service"] = run_service(model_dir, [workload], args, Path(log_dir))[workload.name]
     report["comparison"] = compare(report["in_process"], report["service"])
     report["load_average_end"] = os.getloadavg()
     table = markdown_table(report)

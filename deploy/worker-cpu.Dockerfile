@@ -7,6 +7,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# g++ builds the CPU decode-attention kernel (worker/attention/csrc) when the worker first starts,
+# on the host it runs on (-march=native), cached in the user's ~/.cache/torch_extensions.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # The CPU wheel of torch (the default index's wheel pulls in CUDA libraries).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 

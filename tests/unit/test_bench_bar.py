@@ -1,0 +1,157 @@
+"""bench/bar.py's verdict and table from hand-made summaries (no model, no server): the ratios,
+pass/fail at and around each threshold, a missing vLLM or a failed system, and the markdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.bar import (
+    E2E,
+    IN_PROCESS,
+    STATIC,
+    VLLM,
+    BarLine,
+    markdown_table,
+    relay_verdict,
+    system_row,
+    verdict,
+)
+from bench.service_bench import as_flags
+
+
+def summary(tok_s: float, ttft_p50_ms: float = 100.0, ttft_p99_ms: float = 1000.0) -> dict:
+    return {
+        "requests": 32,
+        "completed": 32,
+        "failed": 0,
+        "wall_s": 5001 / tok_s,
+        "output_tokens": 5001,
+        "output_tokens_per_s": tok_s,
+        "ttft": {"p50_ms": ttft_p50_ms, "p90_ms": None, "p99_ms": ttft_p99_ms},
+        "repeat_tokens_per_s": [tok_s],
+    }
+
+
+def runs(**systems: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    names = {"static": STATIC, "in_process": IN_PROCESS, "e2e": E2E, "vllm": VLLM}
+    return {names[key]: value for key, value in systems.items()}
+
+
+def by_bar(lines: list[BarLine]) -> dict[str, BarLine]:
+    return {line.bar.split(" (")[0]: line for line in lines}
+
+
+def test_every_bar_passes_and_ratios_are_computed() -> None:
+    lines = by_bar(
+        verdict(
+            runs(
+                static=dict(mixed=summary(100.0)),
+                in_process=dict(mixed=summary(320.0), single=summary(20.0, 150.0)),
+                e2e=dict(mixed=summary(310.0, ttft_p99_ms=5000), single=summary(19.5, 154.0)),
+                vllm=dict(mixed=summary(250.0, ttft_p99_ms=6100)),
+            ),
+            "mixed",
+            "single",
+        )
+    )
+    assert lines["e2e / static tok/s"].value == pytest.approx(3.1)
+    assert lines["e2e / static tok/s"].passed is True
+    assert lines["e2e / vLLM tok/s, TTFT p99"].value == pytest.approx(1.24)
+    assert lines["e2e / vLLM tok/s, TTFT p99"].passed is True
+    assert "5.00 s vs 6.10 s" in lines["e2e / vLLM tok/s, TTFT p99"].measured
+    assert lines["service throughput cost"].value == pytest.approx(3.12, abs=0.01)
+    assert lines["service throughput cost"].passed is True
+    assert lines["service TTFT p50 cost"].value == pytest.approx(4.0)
+    assert lines["service TTFT p50 cost"].passed is True
+
+
+def test_each_bar_fails_on_its_own_threshold() -> None:
+    lines = by_bar(
+        verdict(
+            runs(
+                static=dict(mixed=summary(100.0)),
+                in_process=dict(mixed=summary(320.0), single=summary(20.0, 150.0)),
+                # 2.99x static; 1.3x vLLM but a worse TTFT p99; 6.6 % and 5.5 ms of service cost
+                e2e=dict(mixed=summary(299.0, ttft_p99_ms=7000), single=summary(20, 155.5)),
+                vllm=dict(mixed=summary(230.0, ttft_p99_ms=6100)),
+            ),
+            "mixed",
+            "single",
+        )
+    )
+    assert lines["e2e / static tok/s"].passed is False
+    assert lines["e2e / vLLM tok/s, TTFT p99"].value == pytest.approx(1.3)
+    assert lines["e2e / vLLM tok/s, TTFT p99"].passed is False  # p99 7.0 s > 6.1 s
+    assert lines["service throughput cost"].passed is False
+    assert lines["service TTFT p50 cost"].value == pytest.approx(5.5)
+    assert lines["service TTFT p50 cost"].passed is False
+
+
+def test_a_missing_vllm_or_failed_run_is_not_measured_rather_than_failed() -> None:
+    failed = {"requests": 32, "completed": 0, "failed": 32}
+    lines = by_bar(
+        verdict(
+            runs(
+                static=dict(mixed=failed),
+                in_process=dict(mixed=summary(320.0)),  # no `single` run at all
+                e2e=dict(mixed=summary(310.0), single=summary(20.0)),
+            ),
+            "mixed",
+            "single",
+        )
+    )
+    assert lines["e2e / static tok/s"].passed is None
+    assert lines["e2e / vLLM tok/s, TTFT p99"].passed is None
+    assert lines["e2e / vLLM tok/s, TTFT p99"].measured == "vLLM not run"
+    assert lines["service throughput cost"].passed is True
+    assert lines["service TTFT p50 cost"].passed is None
+
+
+def test_relay_verdict_uses_the_best_round() -> None:
+    relay = {"tokens": 49152, "failed": 0, "tokens_per_s": 18000.0}
+    assert relay_verdict({**relay, "best_round_tokens_per_s": 20500.0}).passed is True
+    below = relay_verdict({**relay, "best_round_tokens_per_s": 19999.0})
+    assert below.passed is False and below.value == 19999.0
+    assert relay_verdict({**relay, "failed": 3, "best_round_tokens_per_s": 1e5}).passed is None
+    assert relay_verdict(None).passed is None
+
+
+def test_utilisation_is_model_flops_per_second_over_peak() -> None:
+    row = system_row(E2E, "mixed", summary(250.0), flops=2e12, peak=1e12)
+    # 5001 tokens at 250 tok/s take 20.004 s: 1e11 FLOP/s against a 1e12 peak
+    assert row["utilisation"] == pytest.approx(2e12 / (5001 / 250.0) / 1e12)
+    assert row["ttft_p99_ms"] == 1000.0
+    failed = system_row(E2E, "mixed", {"requests": 1, "completed": 0, "failed": 1}, 2e12, 1e12)
+    assert failed["tokens_per_s"] is None and failed["utilisation"] is None
+
+
+def test_markdown_table_has_a_row_per_system_and_bar_line() -> None:
+    measured = runs(static=dict(mixed=summary(100.0)), e2e=dict(mixed=summary(310.0, 90, 4200)))
+    result: dict[str, Any] = {
+        "dtype": "bfloat16",
+        "matmul_peak_gflops": 1309.4,
+        "matmul_peak_after_gflops": 1290.0,
+        "rows": [
+            system_row(system, "mixed", by_workload["mixed"], 1e12, 1.3e12)
+            for system, by_workload in measured.items()
+        ],
+        "bar": [line.__dict__ for line in verdict(measured, "mixed", "single")],
+    }
+    relay = BarLine("relay tok/s, one gateway", "21,000", ">= 20,000 tok/s", True, 21000.0)
+    table = markdown_table([result], relay)
+    assert (
+        "| bfloat16 | spindle e2e | mixed | 5001 | 16.13 | **310.0** (310.0) | 0.09 / 4.20 |"
+        in (table)
+    )
+    assert "| bfloat16 | e2e / static tok/s | 3.10x | >= 3x | **pass** |" in table
+    assert "| bfloat16 | e2e / vLLM tok/s, TTFT p99 | vLLM not run |" in table
+    assert "| all | relay tok/s, one gateway | 21,000 | >= 20,000 tok/s | **pass** |" in table
+    assert "bfloat16 1309 GFLOP/s (after: 1290)" in table
+
+
+def test_engine_options_become_worker_flags_with_boolean_pairs() -> None:
+    flags = as_flags({"max_batch_size": 32, "enable_prefix_caching": False, "dtype": "bfloat16"})
+    assert flags == ["--max-batch-size", "32", "--no-enable-prefix-caching", "--dtype", "bfloat16"]
+    assert as_flags({"enable_prefix_caching": True}) == ["--enable-prefix-caching"]
