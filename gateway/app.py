@@ -1,5 +1,6 @@
 """The FastAPI application: `create_app(settings)` wires the routes, the error handlers, the
-metrics middleware and the per-process objects (Redis pool, registry, relay, admission)."""
+metrics middleware and the per-process objects (Redis pool, pub/sub subscriber, registry, relay,
+admission)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             settings.prefix,
         )
         yield
+        await gateway.subscriber.close()
         await gateway.redis.aclose()
 
     app = FastAPI(

@@ -1,5 +1,6 @@
-"""The gateway's per-process objects, built once by `create_app`, and the FastAPI dependencies
-that hand them to routes (including the API-key check)."""
+"""The gateway's per-process objects, built once by `create_app` (the Redis pool, the one pub/sub
+subscriber, registry, relay, admission, metrics), and the FastAPI dependencies that hand them to
+routes (including the API-key check)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.registry import ModelRegistry
 from gateway.relay import EventRelay
 from gateway.settings import GatewaySettings
+from gateway.subscriber import Subscriber
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Gateway:
     redis: Redis
     keys: Keys
     registry: ModelRegistry
+    subscriber: Subscriber
     relay: EventRelay
     admission: Admission
     metrics: GatewayMetrics
@@ -44,12 +47,14 @@ class Gateway:
             max_concurrent=settings.max_concurrent_requests,
             max_queue=settings.max_queue,
         )
+        subscriber = Subscriber(redis)
         return cls(
             settings,
             redis,
             keys,
             ModelRegistry(redis, keys),
-            EventRelay(redis, keys, metrics),
+            subscriber,
+            EventRelay(redis, keys, subscriber, metrics),
             admission,
             metrics,
             started,

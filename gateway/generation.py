@@ -16,6 +16,7 @@ from starlette.requests import Request
 from common.protocol import Event, TokenLogprob
 from gateway.errors import ApiError, ClientDisconnected
 from gateway.jobs import Plan
+from gateway.relay import EventBatch
 
 T = TypeVar("T")
 
@@ -95,17 +96,28 @@ def event_error(event: Event) -> ApiError | None:
     return ApiError(500, "the worker failed while generating this request")
 
 
-async def collect(plan: Plan, events: AsyncIterator[tuple[int, Event]]) -> GenerationResult:
+def until_error(batch: EventBatch) -> tuple[EventBatch, ApiError | None]:
+    """The events before the batch's first cancelled/failed one, and that one's error (None
+    when every event is fine): what came before an error is still sent."""
+    for at, (_, event) in enumerate(batch):
+        error = event_error(event)
+        if error is not None:
+            return batch[:at], error
+    return batch, None
+
+
+async def collect(plan: Plan, batches: AsyncIterator[EventBatch]) -> GenerationResult:
     """Every choice's full answer; raises the ApiError of the first failed event."""
     choices = [ChoiceResult(index) for index in range(plan.choice_count)]
     usage = UsageTally(plan)
-    async with contextlib.aclosing(events):  # type: ignore[type-var]
-        async for position, event in events:
-            error = event_error(event)
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+        async for batch in batches:
+            events, error = until_error(batch)
+            for position, event in events:
+                choices[choice_index(plan, position, event)].add(event)
+                usage.add(position, event)
             if error is not None:
                 raise error
-            choices[choice_index(plan, position, event)].add(event)
-            usage.add(position, event)
     return GenerationResult(choices, usage)
 
 

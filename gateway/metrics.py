@@ -118,9 +118,10 @@ class GatewayMetrics:
             registry=registry,
         )
 
-    def observe_token_gap(self, model: str, seconds: float) -> None:
-        """Time between two consecutive token events of one request."""
-        self.itl.labels(model).observe(seconds)
+    def token_gaps(self, model: str) -> Histogram:
+        """The inter-token latency histogram of one model: a relay looks it up once and observes
+        the gap between consecutive token events on it (no label lookup per token)."""
+        return self.itl.labels(model)
 
     def observe_generation(
         self,

@@ -9,17 +9,20 @@ A failure mid-stream sends `data: {"error": {...}}` and ends the stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from common.protocol import Event, TokenLogprob
 from gateway.errors import ApiError, openai_error_body
-from gateway.generation import GenerationResult, UsageTally, choice_index, event_error
+from gateway.generation import GenerationResult, UsageTally, choice_index, until_error
 from gateway.jobs import Plan
 from gateway.registry import ServedModel
+from gateway.relay import EventBatch
 
 _FINISH = {"stop": "stop", "eos_token": "stop", "length": "length"}
+_ROLE_DELTA = '{"role": "assistant", "content": ""}'
 
 
 def openai_finish(reason: str | None) -> str | None:
@@ -126,94 +129,131 @@ def sse_error(error: ApiError) -> str:
 
 
 class _ChunkWriter:
-    """The fields every chunk of one stream repeats."""
+    """The fields every chunk of one stream repeats, rendered once: a chunk is that text with
+    its choice spliced in. The text is exactly what `json.dumps` gives for the whole object."""
 
     def __init__(self, plan: Plan, obj: str, include_usage: bool) -> None:
-        self._head = {
-            "id": plan.request_id,
-            "object": obj,
-            "created": plan.created,
-            "model": plan.model.name,
-        }
-        self._include_usage = include_usage
+        head = {"id": plan.request_id, "object": obj, "created": plan.created}
+        self._prefix = json.dumps({**head, "model": plan.model.name})[:-1] + ', "choices": ['
+        self._suffix = '], "usage": null}' if include_usage else "]}"
 
-    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        body: dict[str, Any] = {**self._head, "choices": choices}
-        if self._include_usage:
-            body["usage"] = usage
-        return json.dumps(body)
+    def chunk(self, choice_json: str) -> str:
+        """A chunk with one choice, given as JSON text."""
+        return self._prefix + choice_json + self._suffix
+
+    def usage_chunk(self, usage: UsageTally) -> str:
+        return self._prefix + '], "usage": ' + json.dumps(usage_body(usage)) + "}"
+
+
+def _choice_json(index: int, field: str, value: str, logprobs: str, finish: str | None) -> str:
+    """A stream choice as `json.dumps` writes it, built by hand: this runs once per token, and
+    the generic encoder costs several times more than formatting four known fields."""
+    finish_json = "null" if finish is None else json.dumps(finish)
+    return (
+        f'{{"index": {index}, "{field}": {value}, "logprobs": {logprobs}, '
+        f'"finish_reason": {finish_json}}}'
+    )
+
+
+def _chat_choice(plan: Plan, position: int, event: Event, top_logprobs: int | None) -> str:
+    delta = f'{{"content": {json.dumps(event.text)}}}' if event.text else "{}"
+    logprobs = "null"
+    if top_logprobs is not None and event.logprobs:
+        logprobs = json.dumps(chat_logprobs(plan.model, event.logprobs, top_logprobs))
+    index = choice_index(plan, position, event)
+    return _choice_json(index, "delta", delta, logprobs, openai_finish(event.finish))
+
+
+def _stream_end(writer: _ChunkWriter, usage: UsageTally, include_usage: bool) -> list[str]:
+    return [writer.usage_chunk(usage), "[DONE]"] if include_usage else ["[DONE]"]
+
+
+def _has_content(event: Event) -> bool:
+    """False for a token whose text is held back (an incomplete UTF-8 sequence)."""
+    return bool(event.text or event.logprobs or event.finish)
 
 
 async def chat_chunks(
     plan: Plan,
-    events: AsyncIterator[tuple[int, Event]],
+    batches: AsyncIterator[EventBatch],
     *,
     top_logprobs: int | None,
     include_usage: bool,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[list[str]]:
+    """The `data:` payloads of a chat stream, one list per relayed batch."""
     writer = _ChunkWriter(plan, "chat.completion.chunk", include_usage)
     usage = UsageTally(plan)
-    for index in range(plan.choice_count):
-        delta = {"role": "assistant", "content": ""}
-        yield writer.chunk(
-            [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]
-        )
-    async for position, event in events:
-        error = event_error(event)
-        if error is not None:
-            raise error
-        usage.add(position, event)
-        if not (event.text or event.logprobs or event.finish):
-            continue  # a token whose text is held back (an incomplete UTF-8 sequence)
-        choice = {
-            "index": choice_index(plan, position, event),
-            "delta": {"content": event.text} if event.text else {},
-            "logprobs": None
-            if top_logprobs is None or not event.logprobs
-            else chat_logprobs(plan.model, event.logprobs, top_logprobs),
-            "finish_reason": openai_finish(event.finish),
-        }
-        yield writer.chunk([choice])
-    if include_usage:
-        yield writer.chunk([], usage_body(usage))
-    yield "[DONE]"
+    yield [
+        writer.chunk(_choice_json(index, "delta", _ROLE_DELTA, "null", None))
+        for index in range(plan.choice_count)
+    ]
+
+    def render(position: int, event: Event) -> str:
+        return writer.chunk(_chat_choice(plan, position, event, top_logprobs))
+
+    async with contextlib.aclosing(_payloads(batches, usage, render)) as payload_batches:
+        async for payloads in payload_batches:
+            yield payloads
+    yield _stream_end(writer, usage, include_usage)
 
 
 async def completion_chunks(
     plan: Plan,
-    events: AsyncIterator[tuple[int, Event]],
+    batches: AsyncIterator[EventBatch],
     *,
     logprobs: int | None,
     include_usage: bool,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[list[str]]:
+    """The `data:` payloads of a completions stream, one list per relayed batch."""
     writer = _ChunkWriter(plan, "text_completion", include_usage)
     usage = UsageTally(plan)
-    offsets = [len(plan.prompt_texts[index // plan.n]) for index in range(plan.choice_count)]
-    for index, offset in enumerate(offsets):
-        if offset:  # echo: the prompt comes first
-            text = plan.prompt_texts[index // plan.n]
-            yield writer.chunk(
-                [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]
-            )
-    async for position, event in events:
-        error = event_error(event)
-        if error is not None:
-            raise error
-        usage.add(position, event)
-        if not (event.text or event.logprobs or event.finish):
-            continue
-        index = choice_index(plan, position, event)
-        shape = None
-        if logprobs is not None and event.logprobs:
-            shape = completion_logprobs(plan.model, event.logprobs, logprobs, offsets[index])
-        offsets[index] += len(event.text)
-        choice = {
-            "index": index,
-            "text": event.text,
-            "logprobs": shape,
-            "finish_reason": openai_finish(event.finish),
-        }
-        yield writer.chunk([choice])
-    if include_usage:
-        yield writer.chunk([], usage_body(usage))
-    yield "[DONE]"
+    prompts = [plan.prompt_texts[index // plan.n] for index in range(plan.choice_count)]
+    offsets = [len(prompt) for prompt in prompts]
+    echoes = [  # echo: the prompt comes first
+        writer.chunk(_choice_json(index, "text", json.dumps(prompt), "null", None))
+        for index, prompt in enumerate(prompts)
+        if prompt
+    ]
+    if echoes:
+        yield echoes
+
+    def render(position: int, event: Event) -> str:
+        return writer.chunk(_text_choice(plan, position, event, logprobs, offsets))
+
+    async with contextlib.aclosing(_payloads(batches, usage, render)) as payload_batches:
+        async for payloads in payload_batches:
+            yield payloads
+    yield _stream_end(writer, usage, include_usage)
+
+
+async def _payloads(
+    batches: AsyncIterator[EventBatch], usage: UsageTally, render: Callable[[int, Event], str]
+) -> AsyncGenerator[list[str], None]:
+    """One list of rendered chunks per relayed batch, usage counted; a failed event ends the
+    stream with its error, after the chunks that came before it."""
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+        async for batch in batches:
+            events, error = until_error(batch)
+            payloads = []
+            for position, event in events:
+                usage.add(position, event)
+                if _has_content(event):
+                    payloads.append(render(position, event))
+            if payloads:
+                yield payloads
+            if error is not None:
+                raise error
+
+
+def _text_choice(
+    plan: Plan, position: int, event: Event, logprobs: int | None, offsets: list[int]
+) -> str:
+    """One completions choice; advances the choice's text offset in `offsets`."""
+    index = choice_index(plan, position, event)
+    shape = "null"
+    if logprobs is not None and event.logprobs:
+        shape = json.dumps(
+            completion_logprobs(plan.model, event.logprobs, logprobs, offsets[index])
+        )
+    offsets[index] += len(event.text)
+    return _choice_json(index, "text", json.dumps(event.text), shape, openai_finish(event.finish))

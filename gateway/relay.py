@@ -7,32 +7,34 @@ then XADD the jobs, so no event can be published before anyone listens. Events a
 client went away, the request timed out), the unfinished jobs are cancelled: their ids go out on
 `spindle:cancel` and into `spindle:cancelled:{id}` (with a TTL) for jobs no worker has picked up.
 
-One pub/sub connection per in-flight request, from the shared pool.
+Every request shares the process's one pub/sub connection (`gateway/subscriber.py`). The relay
+yields batches: all the events that arrived together, in order, so the response can send them in
+one write. The deadline is one timer per request that fails the inbox with a 504.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+from prometheus_client import Histogram
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from common.keys import Keys
 from common.protocol import Event, Job, ProtocolError
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
+from gateway.subscriber import Inbox, Message, Subscriber
 
 logger = logging.getLogger("spindle.gateway")
 
 CANCELLED_TTL_S = 3600  # long enough for a job to leave any queue it is waiting in
 DEADLINE_GRACE_S = 5.0  # the worker ends a late job itself; wait a bit for its error event
-SUBSCRIBE_TIMEOUT_S = 5.0
-_POLL_S = 1.0
 
 
 class SeqOrder:
@@ -89,48 +91,57 @@ class RelayStats:
     outcome: str = "incomplete"
 
 
+EventBatch = list[tuple[int, Event]]  # (position of the job in the request, event), in order
+
+
 class EventRelay:
-    def __init__(self, redis: Redis, keys: Keys, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        subscriber: Subscriber,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._redis = redis
         self._keys = keys
+        self._subscriber = subscriber
         self._metrics = metrics or GatewayMetrics()
 
-    async def run(self, jobs: Sequence[Job]) -> AsyncIterator[tuple[int, Event]]:
-        """Yield (position of the job in `jobs`, event) until every job is over. Close the
-        generator (`contextlib.aclosing`) to stop early; that cancels what is unfinished."""
-        pubsub = self._redis.pubsub()
+    async def run(self, jobs: Sequence[Job]) -> AsyncIterator[EventBatch]:
+        """Yield batches of (position of the job in `jobs`, event) until every job is over.
+        Close the generator (`contextlib.aclosing`) to stop early; that cancels what is
+        unfinished."""
         orders = [SeqOrder(job.sampling.n) for job in jobs]
-        channels = {self._keys.events(job.id): position for position, job in enumerate(jobs)}
+        channels = {
+            self._keys.events(job.id).encode(): position for position, job in enumerate(jobs)
+        }
         stats = RelayStats()
+        token_gaps = self._metrics.token_gaps(jobs[0].model)
+        inbox: Inbox | None = None
+        timer: asyncio.TimerHandle | None = None
         try:
-            await self._subscribe(pubsub, list(channels))
+            inbox = await self._subscriber.subscribe(list(channels))
+            timer = _deadline_timer(inbox, _wait_deadline(jobs))
             await self._enqueue(jobs)
-            async for position, event in self._read(pubsub, channels, orders, _wait_deadline(jobs)):
-                stats.first_event = stats.first_event or time.monotonic()
-                stats.completion_tokens += len(event.token_ids)
-                self._observe_token_event(jobs[0].model, stats, bool(event.token_ids))
-                if event.finish in ("cancelled", "error"):
-                    stats.outcome = event.finish  # the reader usually stops here
-                yield position, event
+            while not all(order.done for order in orders):
+                batch = _in_order(await inbox.take(), channels, orders)
+                if batch:
+                    _observe_batch(batch, stats, token_gaps)
+                    yield batch
             if stats.outcome == "incomplete":
                 stats.outcome = "finished"
         finally:
+            if timer is not None:
+                timer.cancel()
             with anyio.CancelScope(shield=True):
                 unfinished = [
                     job.id for job, order in zip(jobs, orders, strict=True) if not order.done
                 ]
                 await self._cancel(unfinished)
-                await _quietly(pubsub.aclose())
+                if inbox is not None:
+                    await self._subscriber.unsubscribe(inbox)
             _log_request(jobs, stats)
             self._observe_generation(jobs, stats)
-
-    def _observe_token_event(self, model: str, stats: RelayStats, has_tokens: bool) -> None:
-        if not has_tokens:
-            return
-        now = time.monotonic()
-        if stats.last_token is not None:
-            self._metrics.observe_token_gap(model, now - stats.last_token)
-        stats.last_token = now
 
     def _observe_generation(self, jobs: Sequence[Job], stats: RelayStats) -> None:
         self._metrics.observe_generation(
@@ -142,49 +153,11 @@ class EventRelay:
             total_s=time.monotonic() - stats.started,
         )
 
-    async def _subscribe(self, pubsub: PubSub, channels: list[str]) -> None:
-        await pubsub.subscribe(*channels)
-        confirmed = 0
-        with anyio.move_on_after(SUBSCRIBE_TIMEOUT_S):
-            while confirmed < len(channels):
-                message = await pubsub.get_message(timeout=_POLL_S)
-                if message is not None and message["type"] == "subscribe":
-                    confirmed += 1
-        if confirmed < len(channels):
-            raise ApiError(
-                503, f"Redis did not confirm the subscription in {SUBSCRIBE_TIMEOUT_S:g} s"
-            )
-
     async def _enqueue(self, jobs: Sequence[Job]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for job in jobs:
             pipe.xadd(self._keys.requests(job.model), {"job": job.to_json()})
         await pipe.execute()
-
-    async def _read(
-        self,
-        pubsub: PubSub,
-        channels: dict[str, int],
-        orders: list[SeqOrder],
-        deadline: float | None,
-    ) -> AsyncIterator[tuple[int, Event]]:
-        while not all(order.done for order in orders):
-            if deadline is not None and time.time() > deadline:
-                raise ApiError(
-                    504, "the request passed its deadline (--request-timeout) unfinished"
-                )
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL_S)
-            if message is None or message["type"] != "message":
-                continue
-            channel = message["channel"]
-            position = channels[channel.decode() if isinstance(channel, bytes) else channel]
-            try:
-                event = Event.from_json(message["data"])
-            except ProtocolError as err:
-                logger.warning("dropping a malformed event on %s: %s", channel, err)
-                continue
-            for ready in orders[position].push(event):
-                yield position, ready
 
     async def _cancel(self, job_ids: list[str]) -> None:
         if not job_ids:
@@ -194,6 +167,50 @@ class EventRelay:
             pipe.set(self._keys.cancelled(job_id), "1", ex=CANCELLED_TTL_S)
             pipe.publish(self._keys.cancel, job_id)
         await _quietly(pipe.execute())
+
+
+def _in_order(
+    messages: list[Message], channels: dict[bytes, int], orders: list[SeqOrder]
+) -> EventBatch:
+    """The events that `messages` make ready, job by job in `seq` order; a job that is over
+    takes no more events."""
+    batch: EventBatch = []
+    for channel, data in messages:
+        position = channels[channel]
+        order = orders[position]
+        if order.done:
+            continue
+        try:
+            event = Event.from_json(data)
+        except ProtocolError as err:
+            logger.warning("dropping a malformed event on %s: %s", channel.decode(), err)
+            continue
+        batch.extend((position, ready) for ready in order.push(event))
+    return batch
+
+
+def _observe_batch(batch: EventBatch, stats: RelayStats, token_gaps: Histogram) -> None:
+    """Counts and latencies: the events of one batch arrived together, so the first token event
+    carries the gap since the previous batch and the others a gap of zero."""
+    now = time.monotonic()
+    stats.first_event = stats.first_event or now
+    for _, event in batch:
+        if event.finish in ("cancelled", "error"):
+            stats.outcome = event.finish  # the reader usually stops here
+        if not event.token_ids:
+            continue
+        stats.completion_tokens += len(event.token_ids)
+        if stats.last_token is not None:
+            token_gaps.observe(now - stats.last_token)
+        stats.last_token = now
+
+
+def _deadline_timer(inbox: Inbox, deadline: float | None) -> asyncio.TimerHandle | None:
+    """Past the deadline (unix seconds) the inbox fails with a 504."""
+    if deadline is None:
+        return None
+    error = ApiError(504, "the request passed its deadline (--request-timeout) unfinished")
+    return asyncio.get_running_loop().call_later(deadline - time.time(), inbox.fail, error)
 
 
 def _wait_deadline(jobs: Sequence[Job]) -> float | None:

@@ -8,6 +8,7 @@ sends one message per token; the last also carries `generated_text` (and `detail
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -16,9 +17,10 @@ from typing import Any
 
 from common.protocol import Event, Job, Sampling
 from gateway.errors import ApiError, bad_request, tgi_error_body
-from gateway.generation import GenerationResult, event_error
+from gateway.generation import GenerationResult, until_error
 from gateway.jobs import Plan, check_token_ids, new_request_id, resolve_max_new_tokens
 from gateway.registry import ServedModel
+from gateway.relay import EventBatch
 from gateway.schemas import TgiGenerateRequest, TgiParameters
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
@@ -160,32 +162,65 @@ def _event_tokens(model: ServedModel, event: Event, top_n: int | None) -> list[d
 
 
 async def generate_stream_messages(
-    plan: Plan, events: AsyncIterator[tuple[int, Event]], params: TgiParameters
-) -> AsyncIterator[str]:
-    text = plan.prompt_texts[0]
-    generated = 0
-    sent = 0
-    held: dict[str, Any] | None = None  # the newest token, sent once we know if it is the last
-    async for _, event in events:
-        error = event_error(event)
-        if error is not None:
-            raise error
-        text += event.text
-        generated += len(event.token_ids)
-        messages = _event_tokens(plan.model, event, params.top_n_tokens)
-        if not messages and held is not None:
-            held["token"]["text"] += event.text
+    plan: Plan, batches: AsyncIterator[EventBatch], params: TgiParameters
+) -> AsyncIterator[list[str]]:
+    """The `data:` payloads of /generate_stream, one list per relayed batch."""
+    stream = _TgiStream(plan, params)
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+        async for batch in batches:
+            events, error = until_error(batch)
+            payloads = [payload for _, event in events for payload in stream.add(event)]
+            if payloads:
+                yield payloads
+            if error is not None:
+                raise error
+            if stream.finished:
+                return
+
+
+class _TgiStream:
+    """One message per token. The newest token is held until the next event shows whether it
+    is the last: the last message also carries `generated_text` (and `details`)."""
+
+    def __init__(self, plan: Plan, params: TgiParameters) -> None:
+        self._plan = plan
+        self._params = params
+        self._text = plan.prompt_texts[0]
+        self._generated = 0
+        self._sent = 0
+        self._held: dict[str, Any] | None = None
+        self.finished = False
+
+    def add(self, event: Event) -> list[str]:
+        """The payloads this event releases (none once the stream has finished)."""
+        if self.finished:
+            return []
+        self._text += event.text
+        self._generated += len(event.token_ids)
+        messages = _event_tokens(self._plan.model, event, self._params.top_n_tokens)
+        payloads = []
+        if not messages and self._held is not None:
+            self._held["token"]["text"] += event.text
         if messages:
-            for message in ([held] if held else []) + messages[:-1]:
-                sent += 1
-                yield json.dumps({"index": sent, **message})
-            held = messages[-1]
+            for message in ([self._held] if self._held else []) + messages[:-1]:
+                payloads.append(self._message(message))
+            self._held = messages[-1]
         if event.finish is not None:
-            held = held or _empty_final_token(plan.model)
-            held["generated_text"] = text
-            held["details"] = _stream_details(plan, event, generated) if params.details else None
-            yield json.dumps({"index": sent + 1, **held})
-            return
+            payloads.append(self._final(event))
+        return payloads
+
+    def _message(self, message: dict[str, Any]) -> str:
+        self._sent += 1
+        return json.dumps({"index": self._sent, **message})
+
+    def _final(self, event: Event) -> str:
+        self.finished = True
+        held = self._held or _empty_final_token(self._plan.model)
+        held["generated_text"] = self._text
+        held["details"] = (
+            _stream_details(self._plan, event, self._generated) if self._params.details else None
+        )
+        return self._message(held)
 
 
 def _empty_final_token(model: ServedModel) -> dict[str, Any]:

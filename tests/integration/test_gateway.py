@@ -400,8 +400,8 @@ def test_unexpected_exceptions_never_show_a_traceback(
     assert error["message"] == "internal error (RuntimeError); see the gateway log"
     assert "secret internals" not in response.text
 
-    async def explode_mid_stream(*args: Any, **kwargs: Any) -> AsyncIterator[str]:
-        yield json.dumps({"partial": True})
+    async def explode_mid_stream(*args: Any, **kwargs: Any) -> AsyncIterator[list[str]]:
+        yield [json.dumps({"partial": True})]
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(openai_api, "completion_chunks", explode_mid_stream)

@@ -1,0 +1,182 @@
+"""The gateway's streaming path without Redis or a server: the SSE response driven as an ASGI app
+(one body write per batch, errors as a last message, pings, disconnects, the admission slot) and
+the OpenAI formatter over relayed batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from common.protocol import ErrorInfo, Event, Usage
+from gateway.errors import ApiError
+from gateway.jobs import plan_completion
+from gateway.openai_format import completion_chunks, sse_error
+from gateway.relay import EventBatch
+from gateway.schemas import CompletionRequest
+from gateway.streaming import SseResponse, sse_frames
+from tests.unit.test_gateway_validation import served
+
+
+class CountingSlot:
+    def __init__(self) -> None:
+        self.releases = 0
+
+    def release(self) -> None:
+        self.releases += 1
+
+
+class Client:
+    """The ASGI side of one response: records what is sent; `leave()` disconnects."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self._gone = asyncio.Event()
+
+    def leave(self) -> None:
+        self._gone.set()
+
+    async def receive(self) -> dict[str, Any]:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.messages if m["type"] == "http.response.body"]
+
+    @property
+    def data(self) -> list[str]:
+        text = b"".join(self.bodies).decode()
+        return [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+
+
+async def serve(
+    source: AsyncIterator[list[str]], client: Client | None = None, ping_interval_s: float = 15
+) -> tuple[Client, CountingSlot]:
+    client = client or Client()
+    slot = CountingSlot()
+    response = SseResponse(slot, source, sse_error, ping_interval_s=ping_interval_s)  # type: ignore[arg-type]
+    await asyncio.wait_for(response({"type": "http"}, client.receive, client.send), timeout=5)
+    return client, slot
+
+
+async def from_lists(*batches: list[str]) -> AsyncIterator[list[str]]:
+    for batch in batches:
+        yield batch
+
+
+async def test_each_batch_is_one_write_in_order() -> None:
+    client, slot = await serve(from_lists(["a", "b"], ["c"], ["[DONE]"]))
+    start = client.messages[0]
+    assert start["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
+    assert client.bodies == [b"data: a\n\ndata: b\n\n", b"data: c\n\n", b"data: [DONE]\n\n", b""]
+    assert client.messages[-1]["more_body"] is False and slot.releases == 1
+
+
+def test_frames_are_what_sse_clients_split_on() -> None:
+    assert sse_frames(['{"x": 1}', "[DONE]"]) == b'data: {"x": 1}\n\ndata: [DONE]\n\n'
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "message"),
+    [
+        (ApiError(504, "too late"), "timeout", "too late"),
+        (RedisConnectionError("gone"), "service_unavailable", "lost the connection to Redis: gone"),
+        (RuntimeError("secret"), "internal_error", "internal error (RuntimeError); see the gateway log"),
+    ],
+)  # fmt: skip
+async def test_an_error_mid_stream_is_the_last_message(
+    failure: Exception, status: str, message: str
+) -> None:
+    async def failing() -> AsyncIterator[list[str]]:
+        yield ['{"partial": true}']
+        raise failure
+
+    client, slot = await serve(failing())
+    assert client.data[0] == '{"partial": true}' and len(client.data) == 2
+    error = json.loads(client.data[-1])["error"]
+    assert (error["type"], error["message"]) == (status, message)
+    assert slot.releases == 1 and client.messages[-1]["more_body"] is False
+
+
+async def test_a_disconnect_stops_the_source_and_releases_the_slot() -> None:
+    client = Client()
+    cleaned_up = asyncio.Event()
+
+    async def endless() -> AsyncIterator[list[str]]:
+        try:
+            yield ["first"]
+            client.leave()
+            await asyncio.Event().wait()  # no more events ever
+            yield ["never"]
+        finally:
+            cleaned_up.set()
+
+    _, slot = await serve(endless(), client)
+    assert cleaned_up.is_set() and slot.releases == 1 and client.data == ["first"]
+
+
+async def test_a_quiet_stream_gets_pings() -> None:
+    async def slow() -> AsyncIterator[list[str]]:
+        await asyncio.sleep(0.2)
+        yield ["[DONE]"]
+
+    client, _ = await serve(slow(), ping_interval_s=0.05)
+    assert client.bodies.count(b": ping\n\n") >= 2 and client.data == ["[DONE]"]
+
+
+# --- the formatter over batches ----------------------------------------------------------------
+
+
+async def batches_of(*batches: EventBatch) -> AsyncIterator[EventBatch]:
+    for batch in batches:
+        yield batch
+
+
+def token(seq: int, text: str, finish: str | None = None) -> tuple[int, Event]:
+    usage = Usage(2, seq + 1) if finish else None
+    return 0, Event("r", seq, token_ids=[7], text=text, finish=finish, usage=usage)  # type: ignore[arg-type]
+
+
+async def test_completion_chunks_keep_batch_order_and_end_with_usage() -> None:
+    plan = plan_completion(CompletionRequest(model="tiny", prompt="one two"), served(), 0)
+    chunks = completion_chunks(
+        plan,
+        batches_of([token(0, "a"), token(1, "b")], [token(2, "c", "length")]),
+        logprobs=None,
+        include_usage=True,
+    )
+    lists = [payloads async for payloads in chunks]
+    assert [len(payloads) for payloads in lists] == [2, 1, 2]
+    *content, usage, done = [payload for payloads in lists for payload in payloads]
+    texts = [json.loads(payload)["choices"][0]["text"] for payload in content]
+    assert texts == ["a", "b", "c"] and done == "[DONE]"
+    assert json.loads(content[-1])["choices"][0]["finish_reason"] == "length"
+    assert json.loads(usage)["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 3,
+        "total_tokens": 5,
+    }
+
+
+async def test_an_error_in_a_batch_comes_after_the_events_before_it() -> None:
+    plan = plan_completion(CompletionRequest(model="tiny", prompt="one two"), served(), 0)
+    failed = Event("r", 2, finish="error", error=ErrorInfo("boom", "internal_error"))
+    chunks = completion_chunks(
+        plan,
+        batches_of([token(0, "a"), token(1, "b"), (0, failed), token(3, "never")]),
+        logprobs=None,
+        include_usage=False,
+    )
+    first = await chunks.__anext__()
+    assert [json.loads(payload)["choices"][0]["text"] for payload in first] == ["a", "b"]
+    with pytest.raises(ApiError, match="boom"):
+        await chunks.__anext__()
