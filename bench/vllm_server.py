@@ -36,7 +36,7 @@ from bench.relay_bench import cpu_seconds
 from bench.report import write_report
 from bench.service_bench import run_served
 from bench.workloads import Workload, load_workload
-from common.launcher import _die_with_parent, free_port
+from common.launcher import die_with_parent, free_port
 
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 30.0
@@ -126,7 +126,7 @@ class VLLMServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def __enter__(self) -> VLLMServer:

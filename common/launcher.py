@@ -27,7 +27,7 @@ log = logging.getLogger("spindle.serve")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Run in the child before exec: ask the kernel for SIGTERM when the launcher dies."""
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -83,7 +83,7 @@ class Launcher:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log.info("starting %s: %s", name, " ".join(argv))
-        process = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent)
         self.children.append((name, process))
         return process
 

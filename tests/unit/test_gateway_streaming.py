@@ -1,6 +1,6 @@
-"""The gateway's streaming path without Redis or a server: the SSE response driven as an ASGI app
-(one body write per batch, errors as a last message, pings, disconnects, the admission slot) and
-the OpenAI formatter over relayed batches."""
+"""The gateway's streaming path without Redis or a server: the SSE response (sse-starlette's
+EventSourceResponse) driven as an ASGI app (one body write per batch, errors as a last message,
+pings, disconnects, the admission slot) and the OpenAI formatter over relayed batches."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from sse_starlette.sse import AppStatus
 
 from common.protocol import ErrorInfo, Event, Usage
 from gateway.errors import ApiError
@@ -18,7 +19,7 @@ from gateway.jobs import plan_completion
 from gateway.openai_format import completion_chunks, sse_error
 from gateway.relay import EventBatch
 from gateway.schemas import CompletionRequest
-from gateway.streaming import SseResponse, sse_frames
+from gateway.streaming import PING_INTERVAL_S, SseResponse, sse_frames
 from tests.unit.test_gateway_validation import served
 
 
@@ -33,9 +34,10 @@ class CountingSlot:
 class Client:
     """The ASGI side of one response: records what is sent; `leave()` disconnects."""
 
-    def __init__(self) -> None:
+    def __init__(self, writes_fail: bool = False) -> None:
         self.messages: list[dict[str, Any]] = []
         self._gone = asyncio.Event()
+        self._writes_fail = writes_fail  # the socket is closed: as an ASGI 2.4 server reports it
 
     def leave(self) -> None:
         self._gone.set()
@@ -45,6 +47,8 @@ class Client:
         return {"type": "http.disconnect"}
 
     async def send(self, message: dict[str, Any]) -> None:
+        if self._writes_fail:
+            raise OSError("connection reset by peer")
         self.messages.append(message)
 
     @property
@@ -58,13 +62,40 @@ class Client:
 
 
 async def serve(
-    source: AsyncIterator[list[str]], client: Client | None = None, ping_interval_s: float = 15
+    source: AsyncIterator[list[str]],
+    client: Client | None = None,
+    ping_interval_s: float = 15,
+    method: str = "POST",
 ) -> tuple[Client, CountingSlot]:
     client = client or Client()
     slot = CountingSlot()
     response = SseResponse(slot, source, sse_error, ping_interval_s=ping_interval_s)  # type: ignore[arg-type]
-    await asyncio.wait_for(response({"type": "http"}, client.receive, client.send), timeout=5)
+    scope = {"type": "http", "method": method}
+    await asyncio.wait_for(response(scope, client.receive, client.send), timeout=5)
     return client, slot
+
+
+class Recorded:
+    """A source that records whether it ran and whether it was closed."""
+
+    def __init__(self, *batches: list[str]) -> None:
+        self.started = False
+        self.closed = False
+        self._batches = batches
+
+    def __aiter__(self) -> Recorded:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        self.started = True
+        if not self._batches:
+            raise StopAsyncIteration
+        batch, *rest = self._batches
+        self._batches = tuple(rest)
+        return batch
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 async def from_lists(*batches: list[str]) -> AsyncIterator[list[str]]:
@@ -76,7 +107,10 @@ async def test_each_batch_is_one_write_in_order() -> None:
     client, slot = await serve(from_lists(["a", "b"], ["c"], ["[DONE]"]))
     start = client.messages[0]
     assert start["status"] == 200
-    assert (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
+    headers = dict(start["headers"])
+    assert headers[b"content-type"] == b"text/event-stream; charset=utf-8"
+    assert headers[b"cache-control"] == b"no-store"
+    assert headers[b"x-accel-buffering"] == b"no"
     assert client.bodies == [b"data: a\n\ndata: b\n\n", b"data: c\n\n", b"data: [DONE]\n\n", b""]
     assert client.messages[-1]["more_body"] is False and slot.releases == 1
 
@@ -130,7 +164,57 @@ async def test_a_quiet_stream_gets_pings() -> None:
         yield ["[DONE]"]
 
     client, _ = await serve(slow(), ping_interval_s=0.05)
-    assert client.bodies.count(b": ping\n\n") >= 2 and client.data == ["[DONE]"]
+    # A ping is a comment line of its own write, so SSE clients skip it and see no event.
+    pings = [body for body in client.bodies if body.startswith(b":")]
+    assert len(pings) >= 2 and set(pings) == {b": ping\n\n"}
+    assert client.data == ["[DONE]"] and client.bodies[-2:] == [b"data: [DONE]\n\n", b""]
+
+
+def test_pings_come_every_15_seconds_by_default() -> None:
+    response = SseResponse(CountingSlot(), from_lists(), sse_error)  # type: ignore[arg-type]
+    assert response.ping_interval == PING_INTERVAL_S == 15
+
+
+async def test_a_client_gone_before_the_headers_still_releases_the_slot() -> None:
+    source = Recorded(["never sent"])
+    client, slot = await serve(source, Client(writes_fail=True))
+    assert client.messages == [] and not source.started
+    assert source.closed and slot.releases == 1
+
+
+async def test_a_client_gone_before_the_first_event_stops_the_source() -> None:
+    client = Client()
+    client.leave()
+    cleaned_up = asyncio.Event()
+
+    async def waiting() -> AsyncIterator[list[str]]:
+        try:
+            await asyncio.Event().wait()  # the worker has not answered yet
+            yield ["never"]
+        finally:
+            cleaned_up.set()
+
+    _, slot = await serve(waiting(), client)
+    assert cleaned_up.is_set() and slot.releases == 1 and client.data == []
+
+
+async def test_a_stream_in_flight_when_the_server_stops_may_finish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def finishing() -> AsyncIterator[list[str]]:
+        await asyncio.sleep(0.2)
+        yield ["last", "[DONE]"]
+
+    monkeypatch.setattr(AppStatus, "should_exit", True)  # what uvicorn's SIGTERM handler sets
+    client, slot = await serve(finishing())
+    assert client.data == ["last", "[DONE]"] and slot.releases == 1
+
+
+async def test_head_sends_headers_only_and_releases_the_slot() -> None:
+    source = Recorded(["never sent"])
+    client, slot = await serve(source, method="HEAD")
+    assert client.bodies == [b""] and client.messages[0]["status"] == 200
+    assert not source.started and source.closed and slot.releases == 1
 
 
 # --- the formatter over batches ----------------------------------------------------------------
