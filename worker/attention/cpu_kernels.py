@@ -19,7 +19,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
 def enabled() -> bool:
