@@ -125,7 +125,35 @@ def in_process_once(llm: Any, workload: Workload, tag: str) -> dict[str, Any]:
     return summary
 
 
-class Serve:
+class ServerProcess:
+    """A server child on 127.0.0.1:`port`; `with` waits until it is ready and stops it after,
+    also when it never became ready. Subclasses start it and define `wait_ready` and `stop`."""
+
+    port: int
+
+    def wait_ready(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Serve(ServerProcess):
     """`spindle serve` as a child: stdout read by a thread (for "spindle ready"), stderr logged.
     As a context manager: waits until ready, stops on exit."""
 
@@ -145,21 +173,6 @@ class Serve:
             )
         self.ready = threading.Event()
         threading.Thread(target=self._watch_stdout, daemon=True).start()
-
-    def __enter__(self) -> Serve:
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def _watch_stdout(self) -> None:
         assert self.process.stdout is not None

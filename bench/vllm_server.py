@@ -34,7 +34,7 @@ import httpx
 from bench.load import markdown_table
 from bench.relay_bench import cpu_seconds
 from bench.report import write_report
-from bench.service_bench import run_served
+from bench.service_bench import ServerProcess, run_served
 from bench.workloads import Workload, load_workload
 from common.launcher import die_with_parent, free_port
 
@@ -97,7 +97,7 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-class VLLMServer:
+class VLLMServer(ServerProcess):
     """vLLM's OpenAI server as a child in its own session. As a context manager: waits until it
     answers `/v1/models`, stops it (and every process of its group) on exit."""
 
@@ -128,21 +128,6 @@ class VLLMServer:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-
-    def __enter__(self) -> VLLMServer:
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> None:
         deadline = self.started_at + READY_TIMEOUT_S
