@@ -7,7 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# g++ builds the CPU decode-attention kernel (worker/attention/csrc) when the worker first starts,
+# g++ builds the CPU decode-attention kernel (worker/kernels/csrc) when the worker first starts,
 # on the host it runs on (-march=native), cached in the user's ~/.cache/torch_extensions.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.attention import cpu_kernels
+from worker import kernels as cpu_kernels
 from worker.attention.base import StepBatch
 from worker.attention.sdpa import SdpaBackend
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker.attention import cpu_kernels
+from worker import kernels as cpu_kernels
 from worker.attention.base import AttentionBackend, AttentionMetadata, StepBatch
 
 

@@ -1,11 +1,14 @@
 """Rotary position embedding (RoPE), with the frequency schedules transformers knows (default,
 llama3, linear, yarn...) taken from `transformers.modeling_rope_utils`, so a scaled-context
-checkpoint gets exactly its reference frequencies."""
+checkpoint gets exactly its reference frequencies. On the CPU, q and k are rotated in place by one
+fused kernel (worker/kernels)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from worker import kernels
 
 
 def _inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -46,6 +49,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        native = kernels.for_tensor(q)
+        if native is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
+            native.rotary_(q, k, positions, self.cos_cache, self.sin_cache)
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

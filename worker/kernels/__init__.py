@@ -1,10 +1,11 @@
 """Native CPU kernels, built from `csrc/` on first use with torch's JIT extension builder (g++,
 ninja) and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, default
 ~/.cache/torch_extensions), so only the first process on a machine pays the ~30 s build;
-`scripts/bootstrap` builds them ahead (`python -m worker.attention.cpu_kernels`).
+`scripts/bootstrap` builds them ahead (`python -m worker.kernels`).
 
-`paged_decode` is decode attention read in place from the paged KV cache. Without a compiler the
-build fails once, a warning says why, and callers fall back to their pure-torch path;
+`paged_decode` is decode attention read in place from the paged KV cache; `rms_norm`,
+`add_rms_norm_`, `rotary_` and `silu_and_mul` fuse the element-wise layers (worker/layers). Without
+a compiler the build fails once, a warning says why, and callers fall back to their pure-torch path;
 `SPINDLE_CPU_KERNELS=0` turns the kernels off on purpose (e.g. to compare the two paths).
 """
 
@@ -16,9 +17,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
@@ -38,6 +42,7 @@ def native_module() -> Any | None:
             name="spindle_cpu_kernels",
             sources=[str(path) for path in SOURCES],
             extra_cflags=FLAGS,
+            extra_include_paths=[str(CSRC)],
             extra_ldflags=["-fopenmp"],
         )
     except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
@@ -45,11 +50,12 @@ def native_module() -> Any | None:
         return None
 
 
+def for_tensor(tensor: torch.Tensor) -> Any | None:
+    """The kernels when `tensor` lives on the CPU and they are built, else None (use torch)."""
+    return native_module() if tensor.device.type == "cpu" else None
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
     module = native_module()
     print("spindle CPU kernels:", "built" if module is not None else "unavailable")
-
-
-if __name__ == "__main__":
-    main()

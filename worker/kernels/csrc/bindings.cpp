@@ -1,0 +1,10 @@
+// The Python module of spindle's CPU kernels (see kernels.h).
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention");
+  m.def("rms_norm", &rms_norm, "RMSNorm");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
+  m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place (neox layout)");
+  m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up over a fused gate|up tensor");
+}

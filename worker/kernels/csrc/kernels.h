@@ -1,0 +1,18 @@
+// The CPU kernels spindle builds on first use (worker/attention/cpu_kernels.py); bindings.cpp
+// exposes them to Python.
+#pragma once
+
+#include <torch/extension.h>
+
+// Decode attention read in place from the head-major paged KV cache (paged_decode.cpp).
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens,
+                        double scale);
+
+// Element-wise layers fused into one pass each (fused_ops.cpp), rounding where the eager torch
+// code rounds so bf16 results match it.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
+void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_cache,
+             const at::Tensor& sin_cache);
+at::Tensor silu_and_mul(const at::Tensor& gate_up);
