@@ -38,6 +38,8 @@ def native_module() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
+
         return load(
             name="spindle_cpu_kernels",
             sources=[str(path) for path in SOURCES],
@@ -48,6 +50,18 @@ def native_module() -> Any | None:
     except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
         log.warning("CPU kernels unavailable, using the pure-torch decode attention: %s", err)
         return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; a venv used without activating it has the pip
+    package's binary off PATH."""
+    try:
+        import ninja  # type: ignore[import-untyped]
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, [ninja.BIN_DIR, path]))
 
 
 def for_tensor(tensor: torch.Tensor) -> Any | None:
