@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker import kernels as cpu_kernels
+from worker import kernels
 from worker.attention.base import StepBatch
 from worker.attention.sdpa import SdpaBackend
 
@@ -77,10 +77,10 @@ def test_decode_equals_softmax_attention(heads, kv_heads, dim, dtype, tolerance,
 
 def test_kernel_switch_off_falls_back(monkeypatch):
     monkeypatch.setenv("SPINDLE_CPU_KERNELS", "0")
-    cpu_kernels.native_module.cache_clear()
+    kernels.native_module.cache_clear()
     try:
         assert SdpaBackend(torch.device("cpu")).decode_kernel is None
     finally:
         monkeypatch.delenv("SPINDLE_CPU_KERNELS")
-        cpu_kernels.native_module.cache_clear()
+        kernels.native_module.cache_clear()
     assert SdpaBackend(torch.device("cpu")).decode_kernel is not None

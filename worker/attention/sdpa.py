@@ -3,7 +3,7 @@ prefills, and for decodes a native CPU kernel or two batched matmuls.
 
 The cache is head-major, [2, kv_heads, blocks, block_size, head_dim], so that gathering a
 sequence's blocks gives each KV head's context as one contiguous matrix, ready for matmul without
-a transposing copy. Decodes (one query token each): on the CPU, `cpu_kernels.paged_decode` reads
+a transposing copy. Decodes (one query token each): on the CPU, `kernels.paged_decode` reads
 each context in place through its block table; elsewhere, or without the kernel, they are batched
 into two matmuls over gathered contexts padded to the longest (torch's SDPA is slow for one query
 row on the CPU). Each prefill chunk gets its own SDPA call: straight from this step's K/V when it
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker import kernels as cpu_kernels
+from worker import kernels
 from worker.attention.base import AttentionBackend, AttentionMetadata, StepBatch
 
 
@@ -43,7 +43,7 @@ class SdpaBackend(AttentionBackend):
 
     def __init__(self, device: torch.device):
         super().__init__(device)
-        self.decode_kernel = cpu_kernels.native_module() if device.type == "cpu" else None
+        self.decode_kernel = kernels.for_device(device)
 
     def kv_cache_shape(self, num_blocks: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (2, num_kv_heads, num_blocks, self.block_size, head_dim)

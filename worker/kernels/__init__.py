@@ -64,9 +64,13 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join(filter(None, [ninja.BIN_DIR, path]))
 
 
+def for_device(device: torch.device) -> Any | None:
+    """The kernels when `device` is the CPU and they are built, else None (use torch)."""
+    return native_module() if device.type == "cpu" else None
+
+
 def for_tensor(tensor: torch.Tensor) -> Any | None:
-    """The kernels when `tensor` lives on the CPU and they are built, else None (use torch)."""
-    return native_module() if tensor.device.type == "cpu" else None
+    return for_device(tensor.device)
 
 
 def main() -> None:

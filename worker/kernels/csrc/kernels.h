@@ -1,4 +1,4 @@
-// The CPU kernels spindle builds on first use (worker/attention/cpu_kernels.py); bindings.cpp
+// The CPU kernels spindle builds on first use (worker/kernels/__init__.py); bindings.cpp
 // exposes them to Python.
 #pragma once
 

@@ -63,21 +63,27 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       for (int64_t i = 0; i < group * head_dim; ++i) query[i] = load(q_seq, i) * fscale;
       const int64_t* table = tables + seq * max_blocks;
       const int64_t head_base = kv * num_blocks * block_size * head_dim;
-      // scores[g][t] = q_g . k_t
-      for (int64_t start = 0; start < length; start += block_size) {
-        const T* block = k_ptr + head_base + table[start / block_size] * block_size * head_dim;
-        const int64_t rows = std::min(block_size, length - start);
-        for (int64_t i = 0; i < rows; ++i) {
-          to_float(block + i * head_dim, row.data(), head_dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = query.data() + g * head_dim;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
-            scores[g * length + start + i] = dot;
+      // Calls row_fn(t) for each context token t with its row of `cache` as float32 in `row`.
+      auto for_each_row = [&](const T* cache, auto&& row_fn) {
+        for (int64_t start = 0; start < length; start += block_size) {
+          const T* block = cache + head_base + table[start / block_size] * block_size * head_dim;
+          const int64_t rows = std::min(block_size, length - start);
+          for (int64_t i = 0; i < rows; ++i) {
+            to_float(block + i * head_dim, row.data(), head_dim);
+            row_fn(start + i);
           }
         }
-      }
+      };
+      // scores[g][t] = q_g . k_t
+      for_each_row(k_ptr, [&](int64_t t) {
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = query.data() + g * head_dim;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
+          scores[g * length + t] = dot;
+        }
+      });
       // softmax over each query head's row
       std::vector<float> denominators(group);
       for (int64_t g = 0; g < group; ++g) {
@@ -94,19 +100,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       }
       // out_g = sum_t p[g][t] v_t / sum_t p[g][t]
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t start = 0; start < length; start += block_size) {
-        const T* block = v_ptr + head_base + table[start / block_size] * block_size * head_dim;
-        const int64_t rows = std::min(block_size, length - start);
-        for (int64_t i = 0; i < rows; ++i) {
-          to_float(block + i * head_dim, row.data(), head_dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * length + start + i];
-            float* a = acc.data() + g * head_dim;
+      for_each_row(v_ptr, [&](int64_t t) {
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * length + t];
+          float* a = acc.data() + g * head_dim;
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * row[d];
-          }
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * row[d];
         }
-      }
+      });
       T* out_seq = out_ptr + (seq * num_heads + kv * group) * head_dim;
       for (int64_t g = 0; g < group; ++g) {
         const float inverse = 1.0f / denominators[g];
