@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -17,6 +17,7 @@ from worker.attention import AttentionBackend, select_backend
 from worker.engine.config import EngineConfig
 from worker.engine.scheduler import SchedulerOutput
 from worker.layers.attention import Attention
+from worker.layers.linear import pack_linear_weights
 from worker.layers.parallel import SINGLE, ParallelContext
 from worker.loader.dtype import resolve_dtype
 from worker.loader.model_loader import build_model
@@ -55,6 +56,7 @@ class ModelRunner:
         self.model = build_model(
             hf_config, iter_weights(files), self.dtype, self.device, parallel, max_positions
         )
+        self.num_packed_weights = pack_linear_weights(cast(torch.nn.Module, self.model))
         self.vocab_size = hf_config.vocab_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._num_blocks(config, max_positions)
@@ -62,11 +64,13 @@ class ModelRunner:
             self.num_blocks = broadcast_int(self.num_blocks, self.device)
         self._allocate_kv_cache()
         log.info(
-            "model ready: %s on %s (%s), attention %s, KV cache %d blocks x %d tokens",
+            "model ready: %s on %s (%s), attention %s, %d oneDNN-packed weights, "
+            "KV cache %d blocks x %d tokens",
             type(self.model).__name__,
             self.device,
             self.dtype,
             self.backend.name,
+            self.num_packed_weights,
             self.num_blocks,
             self.block_size,
         )

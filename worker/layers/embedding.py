@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.layers.linear import attach_loader
+from worker.layers.linear import PackableLinear, attach_loader
 from worker.layers.parallel import SINGLE, ParallelContext
 
 
@@ -39,9 +39,10 @@ class VocabParallelEmbedding(nn.Module):
         return self.parallel.all_reduce(embedded)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """Logits over the vocabulary; with tied embeddings it shares the embedding's weight."""
+class ParallelLMHead(VocabParallelEmbedding, PackableLinear):
+    """Logits over the vocabulary; with tied embeddings it shares the embedding's weight (and,
+    packed, keeps it for the embedding)."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.parallel.all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.parallel.all_gather_last_dim(self.matmul(hidden))
         return logits[..., : self.vocab_size]

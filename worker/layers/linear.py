@@ -5,10 +5,17 @@ over checkpoint names and no rank materialises a full tensor it does not own.
 Column-parallel layers split output features (no communication); row-parallel layers split input
 features and all-reduce their output. `QKVParallelLinear` and `MergedColumnParallelLinear` fuse
 several checkpoint tensors (q/k/v, gate/up) into one matmul.
+
+On the CPU, `pack_linear_weights` reorders every weight once, after loading, into oneDNN's blocked
+layout (the prepacking inductor's freezing pass and vLLM's CPU backend do): a plain `F.linear` in
+bfloat16 or float32 reorders the weight on every call, which at decode batch sizes costs more than
+the product (bench/engine_bench.py measures it). `SPINDLE_PACKED_LINEAR=0` keeps plain weights.
 """
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -36,7 +43,66 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     param.data.copy_(tensor)
 
 
-class ColumnParallelLinear(nn.Module):
+PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def packing_enabled() -> bool:
+    return os.environ.get("SPINDLE_PACKED_LINEAR", "1").lower() not in ("0", "false", "no", "off")
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can hold `weight` prepacked: a CPU tensor of a dtype this CPU multiplies."""
+    if not (packing_enabled() and weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PackableLinear(nn.Module):
+    """A module whose `weight` [out, in] multiplies inputs, plain or — once `pack()` ran — from
+    a oneDNN-packed copy that replaces it."""
+
+    weight: nn.Parameter
+    packed_weight: torch.Tensor | None = None
+
+    def pack(self, release: bool = True) -> bool:
+        """Reorder the weight for oneDNN; with `release` the plain weight's memory is freed (the
+        parameter becomes empty). False, and nothing changes, where packing does not apply."""
+        if not can_pack(self.weight):
+            return False
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        if release:
+            self.weight.data = self.weight.data.new_empty(0)
+        return True
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Pack every `PackableLinear` of `model` (see the module docstring); returns how many. A
+    weight shared with another module (tied embeddings) is packed as a copy and kept."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, PackableLinear):
+            packed += module.pack(release=uses[id(module.weight)] == 1)
+    return packed
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and packed weights (what it holds in memory)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, PackableLinear) and module.packed_weight is not None:
+            total += module.packed_weight.numel() * module.packed_weight.element_size()
+    return total
+
+
+class ColumnParallelLinear(PackableLinear):
     """y = x Wᵀ + b with W's rows (output features) split across ranks."""
 
     def __init__(
@@ -60,7 +126,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded[start : start + self.out_per_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -127,7 +193,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data[offset : offset + size].copy_(loaded[start : start + size])
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableLinear):
     """y = x Wᵀ + b with W's columns (input features) split across ranks and the partial
     products all-reduced; the bias is added once, after the reduction."""
 
@@ -152,5 +218,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded[:, start : start + self.in_per_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        y = self.parallel.all_reduce(self.matmul(x))
         return y + self.bias if self.bias is not None else y

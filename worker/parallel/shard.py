@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from common.model_files import read_model_folder
 from worker.engine.model_runner import ModelRunner
+from worker.layers.linear import weight_bytes
 from worker.layers.parallel import ParallelContext
 from worker.parallel.step_message import MessageKind, StepHeader, StepMessage, broadcast_payload
 
@@ -100,5 +101,5 @@ def _driver_gone() -> NoReturn:
 
 def _size(runner: ModelRunner) -> str:
     model = cast(torch.nn.Module, runner.model)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = weight_bytes(model)
     return f"{total / 2**20:.1f} MiB"
