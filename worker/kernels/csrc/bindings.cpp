@@ -3,6 +3,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention");
+  m.def("paged_prefill_", &paged_prefill_, "paged causal prefill attention of a step's chunks");
+  m.def("paged_prefill_supports", &paged_prefill_supports, "head_dim/block_size it handles");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
   m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place (neox layout)");

@@ -9,6 +9,14 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         double scale);
 
+// Prefill attention for all of a step's prompt chunks, read in place from the same cache after
+// the step's K/V were written (paged_prefill.cpp); writes each chunk's rows of `out`.
+bool paged_prefill_supports(int64_t head_dim, int64_t group);
+void paged_prefill_(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const at::Tensor& block_tables,
+                    const at::Tensor& q_starts, const at::Tensor& q_lens,
+                    const at::Tensor& context_lens, double scale);
+
 // Element-wise layers fused into one pass each (fused_ops.cpp), rounding where the eager torch
 // code rounds so bf16 results match it.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
