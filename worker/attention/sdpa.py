@@ -113,11 +113,13 @@ class SdpaBackend(AttentionBackend):
         tables = torch.tensor(rows, dtype=torch.long, device=self.device)
         lengths = torch.tensor(lens, dtype=torch.long, device=self.device)
         if self.decode_kernel is not None:
-            return tables, lengths, None
+            return tables, lengths, None  # built on first use if a layer's heads need it
+        return tables, lengths, self._padding_bias(lengths, max_blocks)
+
+    def _padding_bias(self, lengths: torch.Tensor, max_blocks: int) -> torch.Tensor:
         positions = torch.arange(max_blocks * self.block_size, device=self.device)
         beyond = (positions[None, :] >= lengths[:, None])[None, :, None, :]
-        bias = torch.zeros(beyond.shape, device=self.device).masked_fill_(beyond, float("-inf"))
-        return tables, lengths, bias
+        return torch.zeros(beyond.shape, device=self.device).masked_fill_(beyond, float("-inf"))
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         assert isinstance(meta, SdpaMetadata)
@@ -154,8 +156,9 @@ class SdpaBackend(AttentionBackend):
 
     def _decode(self, q, kv_cache, meta: SdpaMetadata, scale: float) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        if self.decode_kernel is not None:
-            return self.decode_kernel.paged_decode(
+        kernel = self.decode_kernel
+        if kernel is not None and kernel.paged_decode_supports(q.shape[-1]):
+            return kernel.paged_decode(
                 q.contiguous(),
                 kv_cache[0],
                 kv_cache[1],
@@ -170,8 +173,10 @@ class SdpaBackend(AttentionBackend):
         matmuls over (KV head, sequence) with the query heads grouped by their KV head. torch's
         SDPA kernels are slow for a single query row: on a 2-core EPYC, bf16, 32 sequences of up
         to 768 tokens, 9 heads, 12.5 ms per layer against ~1.5 ms for this. Softmax in float32."""
-        assert meta.decode_block_tables is not None and meta.decode_bias is not None
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         count, max_blocks = meta.decode_block_tables.shape
+        if meta.decode_bias is None:
+            meta.decode_bias = self._padding_bias(meta.decode_context_lens, max_blocks)
         kv_heads, head_dim = kv_cache.shape[1], kv_cache.shape[-1]
         context = max_blocks * self.block_size
         keys, values = (

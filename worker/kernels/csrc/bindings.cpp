@@ -3,6 +3,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention");
+  m.def("paged_decode_supports", &paged_decode_supports, "the head_dim values it handles");
   m.def("paged_prefill_", &paged_prefill_, "paged causal prefill attention of a step's chunks");
   m.def("paged_prefill_supports", &paged_prefill_supports, "head_dim/block_size it handles");
   m.def("rms_norm", &rms_norm, "RMSNorm");

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 // Decode attention read in place from the head-major paged KV cache (paged_decode.cpp).
+bool paged_decode_supports(int64_t head_dim);
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         double scale);

@@ -1,16 +1,23 @@
 // Paged decode attention for the CPU: one query token per sequence against its context, read in
 // place from the head-major paged KV cache ([kv_heads, blocks, block_size, head_dim]) through the
 // sequence's block table. No gather, no padding: each K/V row is read once, in fp32 arithmetic.
-// Work items are (sequence, KV head) pairs; the query heads that share a KV head are done together
-// so each K/V row is loaded once for all of them. Built with -ffast-math (vectorised reductions
-// and exp: 1.4 -> 0.74 ms per layer, 32 sequences of ~430 tokens, bf16, 2 threads), so nothing
-// here may rely on infinities or NaNs; every context has at least one token.
+// Work items are (sequence, KV head) pairs, taken longest-first from a shared counter; the query
+// heads that share a KV head are done together so each K/V row is loaded once for all of them.
+//
+// Per key: its row is converted to fp32 vectors, each query head's products folded into one vector
+// of partial sums; every 16 keys, `transpose_sum` turns the 16 partial vectors into one vector of
+// 16 scores (no per-key horizontal sum). Softmax and the weighted sum of V rows are whole-vector
+// operations. Measured (2-core EPYC, bf16, 32 sequences of 400 tokens, 9 heads / 3 KV heads):
+// 1.24 ms per layer with one horizontal sum per key, see the README for this version. Built with
+// -ffast-math: nothing here relies on infinities or NaNs; every context has at least one token.
 #include "kernels.h"
+#include "vec.h"
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,29 +26,150 @@
 
 namespace {
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const at::BFloat16* p, int64_t i) {
-  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-inline float load(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+using namespace spindle_vec;
 
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = load(src, i);
+constexpr int64_t MAX_GROUP = 8;  // query heads per KV head kept in registers; more loop over
+                                  // groups of this many
+
+struct Item {
+  int64_t seq, kv_head, length;
+};
+
+// Ask for the cache block after the one starting at `key`: blocks are scattered through the
+// cache, so the hardware prefetcher cannot guess them, and without this the loads stall on
+// memory latency (measured: 5 GB/s per core, against ~30 GB/s the machine streams).
+template <typename T, int64_t HEAD_DIM>
+inline void prefetch_next_block(const T* head, const int64_t* table, int64_t key, int64_t length,
+                                int64_t block_size, int64_t block_shift) {
+  const int64_t next_key = key + block_size;
+  if (next_key >= length) return;
+  const char* block = reinterpret_cast<const char*>(
+      head + table[next_key >> block_shift] * block_size * HEAD_DIM);
+  const int64_t bytes = std::min(block_size, length - next_key) * HEAD_DIM * sizeof(T);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(block + offset);
 }
 
-// HEAD_DIM > 0 fixes the head size at compile time (fully unrolled, vectorised loops); 0 reads it
-// from the tensors.
+// One (sequence, KV head) item for query heads [g0, g0 + G) of the group. HEAD_DIM / LANES vectors
+// per row.
+template <typename T, int64_t HEAD_DIM, int64_t G>
+void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int64_t* table,
+                  int64_t length, int64_t block_size, float scale, T* out_heads,
+                  std::vector<vec>& scores) {
+  constexpr int64_t VECS = HEAD_DIM / LANES;
+  const int64_t block_shift = __builtin_ctzll(block_size);  // a power of two (checked)
+  const int64_t score_vecs = (length + LANES - 1) / LANES;
+  scores.resize(G * score_vecs);
+  vec query[G][VECS];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < VECS; ++j) query[g][j] = load(q_heads + g * HEAD_DIM + j * LANES) * scale;
+
+  // scores[g][t] = q_g . k_t, 16 keys per transpose_sum.
+  vec partial[G][LANES];
+  vec peak[G];
+  for (int64_t g = 0; g < G; ++g) peak[g] = splat(-1e30f);
+  // Keys come in cache blocks; a block of block_size rows is contiguous.
+  const T* block_rows = nullptr;
+  for (int64_t key0 = 0; key0 < length; key0 += LANES) {
+    const int64_t count = std::min(LANES, length - key0);
+    for (int64_t t = 0; t < LANES; ++t) {
+      if (t >= count) {
+        for (int64_t g = 0; g < G; ++g) partial[g][t] = vec{};
+        continue;
+      }
+      const int64_t key = key0 + t;
+      const int64_t in_block = key & (block_size - 1);
+      if (in_block == 0) {
+        block_rows = k_head + table[key >> block_shift] * block_size * HEAD_DIM;
+        prefetch_next_block<T, HEAD_DIM>(k_head, table, key, length, block_size, block_shift);
+      }
+      const T* row = block_rows + in_block * HEAD_DIM;
+      vec k[VECS];
+      for (int64_t j = 0; j < VECS; ++j) k[j] = load(row + j * LANES);
+      for (int64_t g = 0; g < G; ++g) {
+        vec sum = query[g][0] * k[0];
+        for (int64_t j = 1; j < VECS; ++j) sum += query[g][j] * k[j];
+        partial[g][t] = sum;
+      }
+    }
+    const ivec live =
+        (ivec){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} < static_cast<int32_t>(count);
+    for (int64_t g = 0; g < G; ++g) {
+      vec block = transpose_sum(partial[g]);
+      block = live ? block : splat(-1e30f);
+      scores[g * score_vecs + key0 / LANES] = block;
+      peak[g] = block > peak[g] ? block : peak[g];
+    }
+  }
+  // Softmax numerators and their sums.
+  float inverse[G];
+  for (int64_t g = 0; g < G; ++g) {
+    float top = peak[g][0];
+    for (int64_t l = 1; l < LANES; ++l) top = std::max(top, peak[g][l]);
+    const vec shift = splat(top);
+    vec sum{};
+    for (int64_t i = 0; i < score_vecs; ++i) {
+      vec& p = scores[g * score_vecs + i];
+      p = exp_minus(p, shift);  // padding lanes (-1e30) become 0
+      sum += p;
+    }
+    float total = 0.0f;
+    for (int64_t l = 0; l < LANES; ++l) total += sum[l];
+    inverse[g] = 1.0f / total;
+  }
+  // out_g = sum_t p_g[t] v_t / sum_t p_g[t]
+  vec acc[G][VECS] = {};
+  const float* probs = reinterpret_cast<const float*>(scores.data());
+  for (int64_t key = 0; key < length; ++key) {
+    const int64_t in_block = key & (block_size - 1);
+    if (in_block == 0) {
+      block_rows = v_head + table[key >> block_shift] * block_size * HEAD_DIM;
+      prefetch_next_block<T, HEAD_DIM>(v_head, table, key, length, block_size, block_shift);
+    }
+    const T* row = block_rows + in_block * HEAD_DIM;
+    vec v[VECS];
+    for (int64_t j = 0; j < VECS; ++j) v[j] = load(row + j * LANES);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = probs[g * score_vecs * LANES + key];
+      for (int64_t j = 0; j < VECS; ++j) acc[g][j] += p * v[j];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < VECS; ++j) {
+      const vec value = acc[g][j] * inverse[g];
+      for (int64_t l = 0; l < LANES; ++l)
+        out_heads[g * HEAD_DIM + j * LANES + l] = static_cast<T>(value[l]);
+    }
+}
+
+template <typename T, int64_t HEAD_DIM>
+void decode_group(const T* q_heads, const T* k_head, const T* v_head, const int64_t* table,
+                  int64_t length, int64_t block_size, float scale, T* out_heads, int64_t group,
+                  std::vector<vec>& scores) {
+  for (int64_t g0 = 0; g0 < group; g0 += MAX_GROUP) {
+    const int64_t offset = g0 * HEAD_DIM;
+    const auto run = [&](auto heads) {
+      decode_heads<T, HEAD_DIM, decltype(heads)::value>(q_heads + offset, k_head, v_head, table,
+                                                        length, block_size, scale,
+                                                        out_heads + offset, scores);
+    };
+    switch (std::min(MAX_GROUP, group - g0)) {
+      case 1: run(std::integral_constant<int64_t, 1>{}); break;
+      case 2: run(std::integral_constant<int64_t, 2>{}); break;
+      case 3: run(std::integral_constant<int64_t, 3>{}); break;
+      case 4: run(std::integral_constant<int64_t, 4>{}); break;
+      case 5: run(std::integral_constant<int64_t, 5>{}); break;
+      case 6: run(std::integral_constant<int64_t, 6>{}); break;
+      case 7: run(std::integral_constant<int64_t, 7>{}); break;
+      default: run(std::integral_constant<int64_t, 8>{}); break;
+    }
+  }
+}
+
 template <typename T, int64_t HEAD_DIM>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                    at::Tensor& out) {
   const int64_t num_seqs = q.size(0), num_heads = q.size(1);
-  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : q.size(2);
   const int64_t kv_heads = k_cache.size(0), num_blocks = k_cache.size(1);
   const int64_t block_size = k_cache.size(2), max_blocks = block_tables.size(1);
   const int64_t group = num_heads / kv_heads;
@@ -53,72 +181,30 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   T* out_ptr = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * head_dim), row(head_dim), acc(group * head_dim), scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / kv_heads, kv = item % kv_heads;
-      const int64_t length = lens[seq];
-      scores.assign(group * length, 0.0f);
-      const T* q_seq = q_ptr + (seq * num_heads + kv * group) * head_dim;
-      for (int64_t i = 0; i < group * head_dim; ++i) query[i] = load(q_seq, i) * fscale;
-      const int64_t* table = tables + seq * max_blocks;
-      const int64_t head_base = kv * num_blocks * block_size * head_dim;
-      // Calls row_fn(t) for each context token t with its row of `cache` as float32 in `row`.
-      auto for_each_row = [&](const T* cache, auto&& row_fn) {
-        for (int64_t start = 0; start < length; start += block_size) {
-          const T* block = cache + head_base + table[start / block_size] * block_size * head_dim;
-          const int64_t rows = std::min(block_size, length - start);
-          for (int64_t i = 0; i < rows; ++i) {
-            to_float(block + i * head_dim, row.data(), head_dim);
-            row_fn(start + i);
-          }
-        }
-      };
-      // scores[g][t] = q_g . k_t
-      for_each_row(k_ptr, [&](int64_t t) {
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = query.data() + g * head_dim;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
-          scores[g * length + t] = dot;
-        }
-      });
-      // softmax over each query head's row
-      std::vector<float> denominators(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * length;
-        float peak = s[0];  // no infinities: the kernel is built with -ffast-math
-        for (int64_t t = 1; t < length; ++t) peak = std::max(peak, s[t]);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < length; ++t) {
-          s[t] = std::exp(s[t] - peak);  // vectorised by glibc's libmvec under -ffast-math
-          sum += s[t];
-        }
-        denominators[g] = sum;
-      }
-      // out_g = sum_t p[g][t] v_t / sum_t p[g][t]
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for_each_row(v_ptr, [&](int64_t t) {
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * length + t];
-          float* a = acc.data() + g * head_dim;
-#pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * row[d];
-        }
-      });
-      T* out_seq = out_ptr + (seq * num_heads + kv * group) * head_dim;
-      for (int64_t g = 0; g < group; ++g) {
-        const float inverse = 1.0f / denominators[g];
-        for (int64_t d = 0; d < head_dim; ++d)
-          out_seq[g * head_dim + d] = static_cast<T>(acc[g * head_dim + d] * inverse);
-      }
+  std::vector<Item> items;
+  for (int64_t seq = 0; seq < num_seqs; ++seq)
+    for (int64_t kv = 0; kv < kv_heads; ++kv) items.push_back({seq, kv, lens[seq]});
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.length > b.length; });
+  std::atomic<int64_t> next{0};
+  const int64_t threads =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<vec> scores;
+    for (int64_t index = next++; index < static_cast<int64_t>(items.size()); index = next++) {
+      const Item& item = items[index];
+      const int64_t head_base = item.kv_head * num_blocks * block_size * HEAD_DIM;
+      const int64_t first_head = (item.seq * num_heads + item.kv_head * group) * HEAD_DIM;
+      decode_group<T, HEAD_DIM>(q_ptr + first_head, k_ptr + head_base, v_ptr + head_base,
+                                tables + item.seq * max_blocks, item.length, block_size, fscale,
+                                out_ptr + first_head, group, scores);
     }
   });
 }
 
 }  // namespace
+
+bool paged_decode_supports(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -133,13 +219,16 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   auto out = at::empty_like(q);
+  TORCH_CHECK(paged_decode_supports(q.size(2)), "paged_decode needs head_dim 64 or 128");
+  const int64_t block_size = k_cache.size(2);
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0,
+              "the block size must be a power of two");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      switch (q.size(2)) {
-        case 64: decode_kernel<scalar_t, 64>(q, k_cache, v_cache, tables, lens, scale, out); break;
-        case 128: decode_kernel<scalar_t, 128>(q, k_cache, v_cache, tables, lens, scale, out); break;
-        default: decode_kernel<scalar_t, 0>(q, k_cache, v_cache, tables, lens, scale, out);
-      }
+      if (q.size(2) == 64)
+        decode_kernel<scalar_t, 64>(q, k_cache, v_cache, tables, lens, scale, out);
+      else
+        decode_kernel<scalar_t, 128>(q, k_cache, v_cache, tables, lens, scale, out);
     } else {
       TORCH_CHECK(false, "float64 is not supported");
     }

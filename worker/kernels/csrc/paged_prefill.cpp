@@ -12,6 +12,7 @@
 // despite the causal triangle. Built with -ffast-math: masked scores are a large negative number,
 // never -inf. The vector type is GCC's generic one, so the code vectorises for AVX-512, AVX2 or SSE.
 #include "kernels.h"
+#include "vec.h"
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -26,48 +27,13 @@
 
 namespace {
 
-constexpr int64_t LANES = 16;     // floats per vector: query rows side by side
+using namespace spindle_vec;
+
 constexpr int64_t ROW_VECS = 3;   // vectors of query rows per work item (48 rows)
 constexpr int64_t ROWS = ROW_VECS * LANES;
 constexpr int64_t KEY_BLOCK = 8;  // keys sharing each loaded query column (register blocking)
 constexpr int64_t DIM_BLOCK = 8;  // value dimensions accumulated in registers at a time
 constexpr float MASKED = -1e30f;  // a masked score: exp() of it minus any real max is 0
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-inline float to_float(at::Half x) { return static_cast<float>(x); }
-
-inline vec splat(float x) { return vec{} + x; }
-
-// exp(x - shift) for whole vectors: 2^n * p(r) with x - shift = n ln2 + r, |r| <= ln2 / 2, p a
-// degree-6 polynomial (relative error ~2e-7); below -87 (masked scores) the result is exactly 0.
-inline vec exp_minus(vec x, vec shift) {
-  x -= shift;
-  const ivec live = x > splat(-87.0f);
-  x = live ? x : splat(-87.0f);
-  const vec n = __builtin_convertvector(
-      __builtin_convertvector(x * 1.44269504f + (x < splat(0.0f) ? splat(-0.5f) : splat(0.5f)),
-                              ivec),
-      vec);
-  const vec r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
-  vec p = splat(1.0f / 720) * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  vec result = p * reinterpret_cast<const vec&>(bits);
-  return live ? result : vec{};
-}
 
 struct Item {
   int64_t chunk, kv_head, first;  // first: the tile's first query position within the chunk

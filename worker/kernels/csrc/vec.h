@@ -1,0 +1,103 @@
+// Vector helpers shared by the attention kernels: GCC's generic vector type of 16 floats (one
+// AVX-512 register; two AVX2 or four SSE registers elsewhere, so the kernels build for any x86 or
+// ARM CPU), element conversions, a whole-vector exp and a 16-way transposing horizontal sum.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace spindle_vec {
+
+constexpr int64_t LANES = 16;  // floats per vector
+
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef uint32_t uvec __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t u16vec __attribute__((vector_size(LANES * sizeof(uint16_t))));
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+inline float to_float(at::Half x) { return static_cast<float>(x); }
+
+inline vec splat(float x) { return vec{} + x; }
+
+// LANES consecutive elements as a float vector.
+inline vec load(const float* src) {
+  vec out;
+  std::memcpy(&out, src, sizeof(vec));
+  return out;
+}
+inline vec load(const at::BFloat16* src) {
+  u16vec halves;
+  std::memcpy(&halves, src, sizeof(halves));
+  const uvec bits = __builtin_convertvector(halves, uvec) << 16;
+  vec out;
+  std::memcpy(&out, &bits, sizeof(vec));
+  return out;
+}
+inline vec load(const at::Half* src) {
+  alignas(64) float lanes[LANES];
+  for (int64_t l = 0; l < LANES; ++l) lanes[l] = static_cast<float>(src[l]);
+  return load(lanes);
+}
+
+// exp(x - shift) for whole vectors: 2^n * p(r) with x - shift = n ln2 + r, |r| <= ln2 / 2, p a
+// degree-6 polynomial (relative error ~2e-7); below -87 (masked scores) the result is exactly 0.
+inline vec exp_minus(vec x, vec shift) {
+  x -= shift;
+  const ivec live = x > splat(-87.0f);
+  x = live ? x : splat(-87.0f);
+  const vec half = x < splat(0.0f) ? splat(-0.5f) : splat(0.5f);
+  const vec n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + half, ivec), vec);
+  const vec r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  vec p = splat(1.0f / 720) * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(vec));
+  return live ? p * scale : vec{};
+}
+
+// The vector whose lane i is the sum of x[i]'s lanes, by four rounds of pairwise
+// shuffle-and-add (15 pairs in all) instead of 16 separate horizontal sums.
+inline vec transpose_sum(const vec* x) {
+  vec eights[8], fours[4], twos[2];
+  for (int i = 0; i < 8; ++i) {
+    const vec a = x[2 * i], b = x[2 * i + 1];
+    eights[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
+                                        23) +
+                __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                        29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const vec a = eights[2 * i], b = eights[2 * i + 1];
+    fours[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25,
+                                       26, 27) +
+               __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29,
+                                       30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const vec a = fours[2 * i], b = fours[2 * i + 1];
+    twos[i] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
+                                      29) +
+              __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27,
+                                      30, 31);
+  }
+  return __builtin_shufflevector(twos[0], twos[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
+                                 26, 28, 30) +
+         __builtin_shufflevector(twos[0], twos[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25,
+                                 27, 29, 31);
+}
+
+}  // namespace spindle_vec
