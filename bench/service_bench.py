@@ -161,7 +161,7 @@ class Serve(ServerProcess):
         self, model_dir: Path, options: dict[str, Any], threads: int, log_path: Path
     ) -> None:
         self.port = free_port()
-        argv = [sys.executable, "-m", "common.cli", "--log-level", "WARNING", "serve",
+        argv = [sys.executable, "-m", "common.cli", "--log-level", os.environ.get("SPINDLE_BENCH_LOG_LEVEL", "WARNING"), "serve",
                 "--model", str(model_dir), "--port", str(self.port),
                 "--num-threads", str(threads), *as_flags(options)]  # fmt: skip
         self.log_path = log_path

@@ -1,6 +1,7 @@
 """Decode attention over the paged KV cache: the native CPU kernel and the pure-torch matmul path
 both equal plain softmax attention over each sequence's own context, for the head layouts and
-dtypes models use (MHA, GQA, MQA; head sizes the kernel specialises and one it does not)."""
+dtypes models use (MHA, GQA, MQA; head sizes the kernel specialises, 64 and 128, and ones it
+leaves to the matmul path)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def decode_with(backend: SdpaBackend, q, cache, batch, scale):
     return backend._decode(q, cache, meta, scale)
 
 
-LAYOUTS = [(9, 3, 64), (4, 4, 32), (8, 1, 128), (6, 2, 48)]  # (heads, kv_heads, head_dim)
+LAYOUTS = [(9, 3, 64), (4, 4, 32), (8, 1, 128), (20, 2, 64), (6, 2, 48)]  # (heads, kv_heads, dim)
 LENGTHS = [1, 15, 16, 17, 100, 333]
 
 
@@ -65,6 +66,8 @@ def test_decode_equals_softmax_attention(heads, kv_heads, dim, dtype, tolerance,
     backend = SdpaBackend(torch.device("cpu"))
     if path == "kernel":
         assert backend.decode_kernel is not None, "the CPU kernel did not build on this machine"
+        # The kernel is specialised for the common head sizes; others take the matmul path.
+        assert backend.decode_kernel.paged_decode_supports(dim) == (dim in (64, 128))
     else:
         backend.decode_kernel = None
     q, cache, batch, k_seqs, v_seqs = random_step(LENGTHS, heads, kv_heads, dim, dtype)

@@ -1,0 +1,70 @@
+"""The worker's admission after an idle spell: jobs arriving close together are gathered into the
+first batch (`--burst-window-ms`), a busy worker never waits, and the gathering is bounded."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from worker.service import BURST_WINDOWS, IDLE_BLOCK_MS, WorkerService
+from worker.settings import WorkerSettings
+
+
+class ScriptedQueue:
+    """Answers each pull with the next scripted batch (then nothing), recording the calls."""
+
+    def __init__(self, batches, forever: bool = False):
+        self.batches = list(batches)
+        self.forever = forever
+        self.calls: list[tuple[int, int | None]] = []
+
+    def pull(self, count: int, block_ms: int | None):
+        self.calls.append((count, block_ms))
+        if self.forever:
+            time.sleep(0.001)
+            return [f"job{len(self.calls)}"]
+        return self.batches.pop(0)[:count] if self.batches else []
+
+
+def service(queue, *, running: int = 0, window_ms: float = 4.0, batch: int = 8):
+    engine = SimpleNamespace(
+        has_unfinished=running > 0, stats=lambda: {"waiting": 0, "running": running}
+    )
+    settings = WorkerSettings(model="unused", max_batch_size=batch, burst_window_ms=window_ms)
+    return WorkerService(settings, engine, queue)  # type: ignore[arg-type]
+
+
+def test_an_idle_worker_gathers_a_burst_into_one_batch():
+    queue = ScriptedQueue([["a"], ["b"], ["c", "d"], []])
+    assert service(queue)._pull() == ["a", "b", "c", "d"]
+    assert queue.calls == [(8, IDLE_BLOCK_MS), (7, 4), (6, 4), (4, 4)]
+
+
+def test_gathering_stops_at_the_batch_size():
+    queue = ScriptedQueue([["a", "b"], ["c", "d", "e"], ["f", "g", "h", "i"]])
+    assert service(queue, batch=5)._pull() == ["a", "b", "c", "d", "e"]
+    assert queue.calls == [(5, IDLE_BLOCK_MS), (3, 4)]
+
+
+def test_a_busy_worker_takes_what_is_there_without_waiting():
+    queue = ScriptedQueue([["a"], ["b"]])
+    assert service(queue, running=3)._pull() == ["a"]
+    assert queue.calls == [(5, None)]
+
+
+def test_window_zero_turns_gathering_off_and_nothing_queued_means_no_gathering():
+    queue = ScriptedQueue([["a"], ["b"]])
+    assert service(queue, window_ms=0)._pull() == ["a"]
+    assert queue.calls == [(8, IDLE_BLOCK_MS)]
+    empty = ScriptedQueue([])
+    assert service(empty)._pull() == []
+    assert empty.calls == [(8, IDLE_BLOCK_MS)]
+
+
+def test_a_steady_trickle_is_gathered_for_a_bounded_time():
+    queue = ScriptedQueue([], forever=True)
+    started = time.monotonic()
+    pulled = service(queue, window_ms=2.0, batch=10_000)._pull()
+    elapsed = time.monotonic() - started
+    assert 2 <= len(pulled) < 10_000
+    assert elapsed < 2.0 * BURST_WINDOWS / 1000 + 0.5  # the cap, plus slack for a busy machine
