@@ -64,6 +64,23 @@ def test_greedy_is_argmax_with_ties_to_the_lowest_index() -> None:
     assert out.logprobs == [None] * 6
 
 
+def test_an_all_greedy_batch_takes_the_native_argmax_with_torchs_answers() -> None:
+    from worker import kernels
+
+    assert kernels.native_module() is not None, "the CPU kernels did not build on this machine"
+    logits = random_logits(7, 49152)
+    peak = logits.max() + 1.0
+    logits[1, 63] = logits[1, 64] = peak  # a tie across the kernel's 64-wide chunks
+    logits[2, 100] = logits[2, 127] = peak  # a tie inside one chunk
+    logits[3, -1] = peak  # the last index
+    logits[4, 0] = peak  # the first index
+    logits[5] = 0.5  # all equal
+    out = Sampler()(logits, [row(temperature=0.0) for _ in range(7)])
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    assert out.token_ids[1:6] == [63, 100, 49151, 0, 0]
+    assert sampler_module._argmax(logits[:, ::2]).tolist() == logits[:, ::2].argmax(-1).tolist()
+
+
 def test_greedy_rows_in_a_mixed_batch_take_the_argmax_of_the_penalised_logits() -> None:
     logits = random_logits(3, 50, seed=1)
     favourite = int(logits[0].argmax())

@@ -66,6 +66,10 @@ class SdpaBackend(AttentionBackend):
 
     def write_cache(self, kv_cache, k, v, slot_mapping) -> None:
         num_kv_heads, head_dim = kv_cache.shape[1], kv_cache.shape[-1]
+        packed = _heads_packed(k) and _heads_packed(v) and k.stride(0) == v.stride(0)
+        if self.native is not None and packed and k.dtype == kv_cache.dtype:
+            self.native.write_kv_cache_(kv_cache, k, v, slot_mapping)
+            return
         for cache, new in ((kv_cache[0], k), (kv_cache[1], v)):
             cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, new.transpose(0, 1))
 
@@ -151,8 +155,7 @@ class SdpaBackend(AttentionBackend):
         if meta.prefill_tables is None or self.native is None:
             return False
         group = q.shape[1] // kv_cache.shape[1]
-        heads_packed = q.stride(-1) == 1 and q.stride(-2) == q.shape[-1]
-        return heads_packed and self.native.paged_prefill_supports(q.shape[-1], group)
+        return _heads_packed(q) and self.native.paged_prefill_supports(q.shape[-1], group)
 
     def _decode(self, q, kv_cache, meta: SdpaMetadata, scale: float) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
@@ -219,6 +222,11 @@ class SdpaBackend(AttentionBackend):
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
         return out[0].transpose(0, 1)
+
+
+def _heads_packed(x: torch.Tensor) -> bool:
+    """[tokens, heads, head_dim] with each token's heads side by side (rows may be strided)."""
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

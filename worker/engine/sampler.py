@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from common.protocol import Sampling, TokenLogprob
+from worker import kernels
 
 # Top-p keeps the most probable tokens until their mass reaches p; it almost always stops long
 # before this many, and a top-k of 1,024 costs a tenth of a full sort of a 49k vocabulary.
@@ -77,7 +78,7 @@ class Sampler:
             )
         logits = logits.float()
         if all(_is_plain_greedy(row) for row in rows):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            return SamplerOutput(_argmax(logits).tolist(), [None] * len(rows))
 
         penalised = apply_penalties(logits, rows)
         sampled = [i for i, row in enumerate(rows) if not row.sampling.greedy]
@@ -305,3 +306,12 @@ def gather_logprobs(
         top = list(zip(top_ids[slot][:k], top_values[slot][:k], strict=True))
         result[row_index] = TokenLogprob(chosen_id_list[slot], chosen[slot], top)
     return result
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest logit: the native kernel on the CPU (torch's CPU argmax took
+    ~1.2 ms for [32, 49152], a tenth of that for this), else torch."""
+    native = kernels.for_tensor(logits)
+    if native is not None and logits.is_contiguous() and logits.numel():
+        return native.argmax_rows(logits)
+    return logits.argmax(dim=-1)

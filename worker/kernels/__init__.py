@@ -1,13 +1,14 @@
 """Native CPU kernels, built from `csrc/` on first use with torch's JIT extension builder (g++,
 ninja) and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, default
-~/.cache/torch_extensions), so only the first process on a machine pays the ~30 s build;
+~/.cache/torch_extensions), so only the first process on a machine pays the ~1-2 min build;
 `scripts/bootstrap` builds them ahead (`python -m worker.kernels`).
 
 `paged_decode` is decode attention and `paged_prefill_` causal attention of prompt chunks, both
-read in place from the paged KV cache; `rms_norm`,
-`add_rms_norm_`, `rotary_` and `silu_and_mul` fuse the element-wise layers (worker/layers). Without
-a compiler the build fails once, a warning says why, and callers fall back to their pure-torch path;
-`SPINDLE_CPU_KERNELS=0` turns the kernels off on purpose (e.g. to compare the two paths).
+read in place from the paged KV cache; `write_kv_cache_` stores a step's K/V rows in it;
+`argmax_rows` is greedy sampling's argmax; `rms_norm`, `add_rms_norm_`, `rotary_` and
+`silu_and_mul` fuse the element-wise layers (worker/layers). Without a compiler the build fails
+once, a warning says why, and callers fall back to their pure-torch path; `SPINDLE_CPU_KERNELS=0`
+turns the kernels off on purpose (e.g. to compare the two paths).
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [
     CSRC / name
-    for name in ("bindings.cpp", "paged_decode.cpp", "paged_prefill.cpp", "fused_ops.cpp")
+    for name in (
+        "bindings.cpp",
+        "paged_decode.cpp",
+        "paged_prefill.cpp",
+        "rows.cpp",
+        "fused_ops.cpp",
+    )
 ]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 

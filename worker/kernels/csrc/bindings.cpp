@@ -6,6 +6,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_supports", &paged_decode_supports, "the head_dim values it handles");
   m.def("paged_prefill_", &paged_prefill_, "paged causal prefill attention of a step's chunks");
   m.def("paged_prefill_supports", &paged_prefill_supports, "head_dim/block_size it handles");
+  m.def("write_kv_cache_", &write_kv_cache_, "write a step's K/V rows into their cache slots");
+  m.def("argmax_rows", &argmax_rows, "index of each row's first largest value (float32)");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
   m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place (neox layout)");

@@ -18,6 +18,11 @@ void paged_prefill_(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
                     const at::Tensor& q_starts, const at::Tensor& q_lens,
                     const at::Tensor& context_lens, double scale);
 
+// A step's K/V rows into their cache slots, and the greedy argmax over float32 logits (rows.cpp).
+void write_kv_cache_(at::Tensor& kv_cache, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& slot_mapping);
+at::Tensor argmax_rows(const at::Tensor& logits);
+
 // Element-wise layers fused into one pass each (fused_ops.cpp), rounding where the eager torch
 // code rounds so bf16 results match it.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
