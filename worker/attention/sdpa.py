@@ -128,7 +128,7 @@ class SdpaBackend(AttentionBackend):
     def forward(self, q, k, v, kv_cache, meta, scale):
         assert isinstance(meta, SdpaMetadata)
         self.write_cache(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)  # contiguous, whatever q's strides (the kernels write into it)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], kv_cache, meta, scale)
         if self._native_prefill(q, kv_cache, meta):
