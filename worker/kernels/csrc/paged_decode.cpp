@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -49,6 +48,25 @@ inline void prefetch_next_block(const T* head, const int64_t* table, int64_t key
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(block + offset);
 }
 
+// One KV head's context rows, asked for in order from key 0: `row(key)` switches blocks through
+// the block table and prefetches the following block.
+template <typename T, int64_t HEAD_DIM>
+struct ContextRows {
+  const T* head;
+  const int64_t* table;
+  int64_t length, block_size, block_shift;
+  const T* block = nullptr;
+
+  const T* row(int64_t key) {
+    const int64_t in_block = key & (block_size - 1);
+    if (in_block == 0) {
+      block = head + table[key >> block_shift] * block_size * HEAD_DIM;
+      prefetch_next_block<T, HEAD_DIM>(head, table, key, length, block_size, block_shift);
+    }
+    return block + in_block * HEAD_DIM;
+  }
+};
+
 // One (sequence, KV head) item for query heads [g0, g0 + G) of the group. HEAD_DIM / LANES vectors
 // per row.
 template <typename T, int64_t HEAD_DIM, int64_t G>
@@ -67,8 +85,7 @@ void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int6
   vec partial[G][LANES];
   vec peak[G];
   for (int64_t g = 0; g < G; ++g) peak[g] = splat(-1e30f);
-  // Keys come in cache blocks; a block of block_size rows is contiguous.
-  const T* block_rows = nullptr;
+  ContextRows<T, HEAD_DIM> keys{k_head, table, length, block_size, block_shift};
   for (int64_t key0 = 0; key0 < length; key0 += LANES) {
     const int64_t count = std::min(LANES, length - key0);
     for (int64_t t = 0; t < LANES; ++t) {
@@ -76,13 +93,7 @@ void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int6
         for (int64_t g = 0; g < G; ++g) partial[g][t] = vec{};
         continue;
       }
-      const int64_t key = key0 + t;
-      const int64_t in_block = key & (block_size - 1);
-      if (in_block == 0) {
-        block_rows = k_head + table[key >> block_shift] * block_size * HEAD_DIM;
-        prefetch_next_block<T, HEAD_DIM>(k_head, table, key, length, block_size, block_shift);
-      }
-      const T* row = block_rows + in_block * HEAD_DIM;
+      const T* row = keys.row(key0 + t);
       vec k[VECS];
       for (int64_t j = 0; j < VECS; ++j) k[j] = load(row + j * LANES);
       for (int64_t g = 0; g < G; ++g) {
@@ -119,13 +130,9 @@ void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int6
   // out_g = sum_t p_g[t] v_t / sum_t p_g[t]
   vec acc[G][VECS] = {};
   const float* probs = reinterpret_cast<const float*>(scores.data());
+  ContextRows<T, HEAD_DIM> values{v_head, table, length, block_size, block_shift};
   for (int64_t key = 0; key < length; ++key) {
-    const int64_t in_block = key & (block_size - 1);
-    if (in_block == 0) {
-      block_rows = v_head + table[key >> block_shift] * block_size * HEAD_DIM;
-      prefetch_next_block<T, HEAD_DIM>(v_head, table, key, length, block_size, block_shift);
-    }
-    const T* row = block_rows + in_block * HEAD_DIM;
+    const T* row = values.row(key);
     vec v[VECS];
     for (int64_t j = 0; j < VECS; ++j) v[j] = load(row + j * LANES);
     for (int64_t g = 0; g < G; ++g) {
@@ -186,20 +193,16 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     for (int64_t kv = 0; kv < kv_heads; ++kv) items.push_back({seq, kv, lens[seq]});
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.length > b.length; });
-  std::atomic<int64_t> next{0};
-  const int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<vec> scores;
-    for (int64_t index = next++; index < static_cast<int64_t>(items.size()); index = next++) {
-      const Item& item = items[index];
-      const int64_t head_base = item.kv_head * num_blocks * block_size * HEAD_DIM;
-      const int64_t first_head = (item.seq * num_heads + item.kv_head * group) * HEAD_DIM;
-      decode_group<T, HEAD_DIM>(q_ptr + first_head, k_ptr + head_base, v_ptr + head_base,
-                                tables + item.seq * max_blocks, item.length, block_size, fscale,
-                                out_ptr + first_head, group, scores);
-    }
-  });
+  for_each_item(
+      items.size(), [] { return std::vector<vec>(); },
+      [&](std::vector<vec>& scores, int64_t index) {
+        const Item& item = items[index];
+        const int64_t head_base = item.kv_head * num_blocks * block_size * HEAD_DIM;
+        const int64_t first_head = (item.seq * num_heads + item.kv_head * group) * HEAD_DIM;
+        decode_group<T, HEAD_DIM>(q_ptr + first_head, k_ptr + head_base, v_ptr + head_base,
+                                  tables + item.seq * max_blocks, item.length, block_size, fscale,
+                                  out_ptr + first_head, group, scores);
+      });
 }
 
 }  // namespace

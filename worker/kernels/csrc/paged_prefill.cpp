@@ -18,7 +18,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -135,82 +134,77 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  std::atomic<int64_t> next{0};
-  const int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    Scratch<HEAD_DIM> s(block_size);
-    for (int64_t index = next++; index < static_cast<int64_t>(items.size()); index = next++) {
-      const Item& item = items[index];
-      const int64_t offset = contexts[item.chunk] - lens[item.chunk];
-      const int64_t positions = std::min(tile_positions, lens[item.chunk] - item.first);
-      const int64_t rows = positions * group;  // row r: position r / group, head r % group
-      const int64_t* table = tables + item.chunk * max_blocks;
-      const int64_t head_base = item.kv_head * num_blocks * block_size * HEAD_DIM;
-      const int64_t first_row = starts[item.chunk] + item.first;
+  const auto make_scratch = [block_size] { return Scratch<HEAD_DIM>(block_size); };
+  for_each_item(items.size(), make_scratch, [&](Scratch<HEAD_DIM>& s, int64_t index) {
+    const Item& item = items[index];
+    const int64_t offset = contexts[item.chunk] - lens[item.chunk];
+    const int64_t positions = std::min(tile_positions, lens[item.chunk] - item.first);
+    const int64_t rows = positions * group;  // row r: position r / group, head r % group
+    const int64_t* table = tables + item.chunk * max_blocks;
+    const int64_t head_base = item.kv_head * num_blocks * block_size * HEAD_DIM;
+    const int64_t first_row = starts[item.chunk] + item.first;
 
-      // Transposed, scaled queries and each row's position; padding rows repeat the last row.
-      alignas(64) int32_t position_lanes[ROWS];
-      float* query = reinterpret_cast<float*>(s.query.data());
-      for (int64_t r = 0; r < ROWS; ++r) {
-        const int64_t row = std::min(r, rows - 1);
-        position_lanes[r] = static_cast<int32_t>(offset + item.first + row / group);
-        const T* src = q_ptr + (first_row + row / group) * q_row_stride +
-                       (item.kv_head * group + row % group) * HEAD_DIM;
-        for (int64_t d = 0; d < HEAD_DIM; ++d)
-          query[(d * ROW_VECS + r / LANES) * LANES + r % LANES] = to_float(src[d]) * fscale;
-      }
-      ivec position[ROW_VECS];
-      std::memcpy(position, position_lanes, sizeof(position));
-      std::fill(s.acc.begin(), s.acc.end(), vec{});
-      vec row_max[ROW_VECS], row_sum[ROW_VECS];
-      for (int64_t v = 0; v < ROW_VECS; ++v) row_max[v] = splat(MASKED), row_sum[v] = vec{};
+    // Transposed, scaled queries and each row's position; padding rows repeat the last row.
+    alignas(64) int32_t position_lanes[ROWS];
+    float* query = reinterpret_cast<float*>(s.query.data());
+    for (int64_t r = 0; r < ROWS; ++r) {
+      const int64_t row = std::min(r, rows - 1);
+      position_lanes[r] = static_cast<int32_t>(offset + item.first + row / group);
+      const T* src = q_ptr + (first_row + row / group) * q_row_stride +
+                     (item.kv_head * group + row % group) * HEAD_DIM;
+      for (int64_t d = 0; d < HEAD_DIM; ++d)
+        query[(d * ROW_VECS + r / LANES) * LANES + r % LANES] = to_float(src[d]) * fscale;
+    }
+    ivec position[ROW_VECS];
+    std::memcpy(position, position_lanes, sizeof(position));
+    std::fill(s.acc.begin(), s.acc.end(), vec{});
+    vec row_max[ROW_VECS], row_sum[ROW_VECS];
+    for (int64_t v = 0; v < ROW_VECS; ++v) row_max[v] = splat(MASKED), row_sum[v] = vec{};
 
-      const int64_t first_position = offset + item.first;
-      const int64_t last_position = first_position + positions - 1;
-      for (int64_t key0 = 0; key0 <= last_position; key0 += block_size) {
-        const int64_t valid = std::min(block_size, last_position + 1 - key0);
-        const int64_t block = table[key0 / block_size] * block_size * HEAD_DIM;
-        rows_to_float<T, HEAD_DIM>(k_ptr + head_base + block, s.keys.data(), valid);
-        rows_to_float<T, HEAD_DIM>(v_ptr + head_base + block, s.values.data(), valid);
-        block_scores(s, valid);
-        if (key0 + valid - 1 > first_position) {  // the block reaches past some row: mask
-          for (int64_t t = 0; t < valid; ++t)
-            for (int64_t v = 0; v < ROW_VECS; ++v) {
-              vec& score = s.probs[t * ROW_VECS + v];
-              score = position[v] >= static_cast<int32_t>(key0 + t) ? score : splat(MASKED);
-            }
-        }
-        // Online softmax, 16 rows per vector operation.
-        for (int64_t v = 0; v < ROW_VECS; ++v) {
-          vec peak = row_max[v];
-          for (int64_t t = 0; t < valid; ++t) {
-            const vec score = s.probs[t * ROW_VECS + v];
-            peak = score > peak ? score : peak;
+    const int64_t first_position = offset + item.first;
+    const int64_t last_position = first_position + positions - 1;
+    for (int64_t key0 = 0; key0 <= last_position; key0 += block_size) {
+      const int64_t valid = std::min(block_size, last_position + 1 - key0);
+      const int64_t block = table[key0 / block_size] * block_size * HEAD_DIM;
+      rows_to_float<T, HEAD_DIM>(k_ptr + head_base + block, s.keys.data(), valid);
+      rows_to_float<T, HEAD_DIM>(v_ptr + head_base + block, s.values.data(), valid);
+      block_scores(s, valid);
+      if (key0 + valid - 1 > first_position) {  // the block reaches past some row: mask
+        for (int64_t t = 0; t < valid; ++t)
+          for (int64_t v = 0; v < ROW_VECS; ++v) {
+            vec& score = s.probs[t * ROW_VECS + v];
+            score = position[v] >= static_cast<int32_t>(key0 + t) ? score : splat(MASKED);
           }
-          const vec correction = exp_minus(row_max[v], peak);
-          vec sum{};
-          for (int64_t t = 0; t < valid; ++t) {
-            vec& p = s.probs[t * ROW_VECS + v];
-            p = exp_minus(p, peak);
-            sum += p;
-          }
-          row_max[v] = peak;
-          row_sum[v] = row_sum[v] * correction + sum;
-          for (int64_t d = 0; d < HEAD_DIM; ++d) s.acc[d * ROW_VECS + v] *= correction;
+      }
+      // Online softmax, 16 rows per vector operation.
+      for (int64_t v = 0; v < ROW_VECS; ++v) {
+        vec peak = row_max[v];
+        for (int64_t t = 0; t < valid; ++t) {
+          const vec score = s.probs[t * ROW_VECS + v];
+          peak = score > peak ? score : peak;
         }
-        block_values(s, valid);
+        const vec correction = exp_minus(row_max[v], peak);
+        vec sum{};
+        for (int64_t t = 0; t < valid; ++t) {
+          vec& p = s.probs[t * ROW_VECS + v];
+          p = exp_minus(p, peak);
+          sum += p;
+        }
+        row_max[v] = peak;
+        row_sum[v] = row_sum[v] * correction + sum;
+        for (int64_t d = 0; d < HEAD_DIM; ++d) s.acc[d * ROW_VECS + v] *= correction;
       }
-      const float* acc = reinterpret_cast<const float*>(s.acc.data());
-      alignas(64) float sums[ROWS];
-      std::memcpy(sums, row_sum, sizeof(sums));
-      for (int64_t r = 0; r < rows; ++r) {
-        T* dst = out_ptr + (first_row + r / group) * out_row_stride +
-                 (item.kv_head * group + r % group) * HEAD_DIM;
-        const float inverse = 1.0f / sums[r];
-        for (int64_t d = 0; d < HEAD_DIM; ++d)
-          dst[d] = static_cast<T>(acc[(d * ROW_VECS + r / LANES) * LANES + r % LANES] * inverse);
-      }
+      block_values(s, valid);
+    }
+    const float* acc = reinterpret_cast<const float*>(s.acc.data());
+    alignas(64) float sums[ROWS];
+    std::memcpy(sums, row_sum, sizeof(sums));
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = out_ptr + (first_row + r / group) * out_row_stride +
+               (item.kv_head * group + r % group) * HEAD_DIM;
+      const float inverse = 1.0f / sums[r];
+      for (int64_t d = 0; d < HEAD_DIM; ++d)
+        dst[d] = static_cast<T>(acc[(d * ROW_VECS + r / LANES) * LANES + r % LANES] * inverse);
     }
   });
 }

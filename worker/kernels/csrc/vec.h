@@ -1,10 +1,14 @@
-// Vector helpers shared by the attention kernels: GCC's generic vector type of 16 floats (one
-// AVX-512 register; two AVX2 or four SSE registers elsewhere, so the kernels build for any x86 or
-// ARM CPU), element conversions, a whole-vector exp and a 16-way transposing horizontal sum.
+// Helpers shared by the attention kernels: GCC's generic vector type of 16 floats (one AVX-512
+// register; two AVX2 or four SSE registers elsewhere, so the kernels build for any x86 or ARM
+// CPU), element conversions, a whole-vector exp, a 16-way transposing horizontal sum, and the
+// work queue that spreads uneven items over torch's threads.
 #pragma once
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -98,6 +102,19 @@ inline vec transpose_sum(const vec* x) {
                                  26, 28, 30) +
          __builtin_shufflevector(twos[0], twos[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25,
                                  27, 29, 31);
+}
+
+// Runs work(state, i) for every i in [0, count) on torch's threads, each thread taking the next
+// index from a shared counter (callers order items longest first, so the threads finish
+// together); make_state() builds each thread's scratch once.
+template <typename MakeState, typename Work>
+void for_each_item(int64_t count, MakeState make_state, Work work) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t index = next++; index < count; index = next++) work(state, index);
+  });
 }
 
 }  // namespace spindle_vec
