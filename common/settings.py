@@ -74,6 +74,11 @@ def _field_kind(annotation: Any) -> _FieldKind:
     return _FieldKind(convert, optional, is_tuple, choices, annotation is bool)
 
 
+def env_switch(name: str) -> bool:
+    """An on-by-default switch from the environment: off only for 0/false/no/off."""
+    return os.environ.get(name, "1").strip().lower() not in _FALSE
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in _TRUE:

@@ -143,7 +143,9 @@ class WorkerService:
         if self.engine.has_unfinished:
             return self.queue.pull(capacity, None)
         deliveries = self.queue.pull(capacity, IDLE_BLOCK_MS)
-        return deliveries + self._gather_burst(capacity - len(deliveries)) if deliveries else []
+        if not deliveries:
+            return []
+        return deliveries + self._gather_burst(capacity - len(deliveries))
 
     def _gather_burst(self, capacity: int) -> list[Delivery]:
         """The jobs that follow the first one after an idle spell, while they keep arriving

@@ -65,11 +65,11 @@ LENGTHS = [1, 15, 16, 17, 100, 333]
 def test_decode_equals_softmax_attention(heads, kv_heads, dim, dtype, tolerance, path):
     backend = SdpaBackend(torch.device("cpu"))
     if path == "kernel":
-        assert backend.decode_kernel is not None, "the CPU kernel did not build on this machine"
+        assert backend.native is not None, "the CPU kernel did not build on this machine"
         # The kernel is specialised for the common head sizes; others take the matmul path.
-        assert backend.decode_kernel.paged_decode_supports(dim) == (dim in (64, 128))
+        assert backend.native.paged_decode_supports(dim) == (dim in (64, 128))
     else:
-        backend.decode_kernel = None
+        backend.native = None
     q, cache, batch, k_seqs, v_seqs = random_step(LENGTHS, heads, kv_heads, dim, dtype)
     scale = dim**-0.5
     out = decode_with(backend, q, cache, batch, scale)
@@ -82,8 +82,8 @@ def test_kernel_switch_off_falls_back(monkeypatch):
     monkeypatch.setenv("SPINDLE_CPU_KERNELS", "0")
     kernels.native_module.cache_clear()
     try:
-        assert SdpaBackend(torch.device("cpu")).decode_kernel is None
+        assert SdpaBackend(torch.device("cpu")).native is None
     finally:
         monkeypatch.delenv("SPINDLE_CPU_KERNELS")
         kernels.native_module.cache_clear()
-    assert SdpaBackend(torch.device("cpu")).decode_kernel is not None
+    assert SdpaBackend(torch.device("cpu")).native is not None

@@ -79,6 +79,8 @@ def test_prompt_chunks_equal_causal_softmax_attention(
             paged_prefill_supports=native.paged_prefill_supports,
             paged_prefill_=lambda *args: calls.append(1) or native.paged_prefill_(*args),
             write_kv_cache_=native.write_kv_cache_,  # the kernel path writes the cache natively
+            paged_decode_supports=native.paged_decode_supports,  # the step's decodes
+            paged_decode=native.paged_decode,
         )
         monkeypatch.setattr(backend, "native", spy)
     q, k, v, cache, batch, whole_k, whole_v = random_step(heads, kv_heads, dim, dtype)

@@ -58,8 +58,7 @@ class SdpaBackend(AttentionBackend):
 
     def __init__(self, device: torch.device):
         super().__init__(device)
-        self.decode_kernel = kernels.for_device(device)
-        self.native = self.decode_kernel  # the CPU kernels (decode and prefill), or None
+        self.native = kernels.for_device(device)  # the CPU kernels, or None (torch paths)
 
     def kv_cache_shape(self, num_blocks: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (2, num_kv_heads, num_blocks, self.block_size, head_dim)
@@ -78,22 +77,24 @@ class SdpaBackend(AttentionBackend):
         tables = lengths = bias = None
         if num_decodes:
             tables, lengths, bias = self._decode_tensors(batch, num_decodes)
-        prefills, start = [], num_decodes
+        prefills, block_ids, start = [], [], num_decodes
         for i in range(num_decodes, len(batch.query_lens)):
             blocks = -(-batch.context_lens[i] // self.block_size)
-            table = torch.tensor(batch.block_tables[i][:blocks], device=self.device)
+            block_ids.append(batch.block_tables[i][:blocks])
+            table = torch.tensor(block_ids[-1], device=self.device)
             prefills.append(PrefillSpan(start, batch.query_lens[i], batch.context_lens[i], table))
             start += batch.query_lens[i]
-        prefill_tables = self._prefill_tables(prefills) if prefills and self.native else None
+        prefill_tables = (
+            self._prefill_tables(prefills, block_ids) if prefills and self.native else None
+        )
         return SdpaMetadata(
             self, batch.slot_mapping, num_decodes, tables, lengths, bias, prefills, prefill_tables
         )
 
-    def _prefill_tables(self, spans: list[PrefillSpan]) -> PrefillTables:
-        width = max(len(span.block_table) for span in spans)
-        tables = torch.zeros(len(spans), width, dtype=torch.long, device=self.device)
-        for row, span in enumerate(spans):
-            tables[row, : len(span.block_table)] = span.block_table
+    def _prefill_tables(
+        self, spans: list[PrefillSpan], block_ids: list[list[int]]
+    ) -> PrefillTables:
+        tables = self._padded_tables(block_ids)
 
         def column(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -110,15 +111,17 @@ class SdpaBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         lens = batch.context_lens[:count]
         max_blocks = -(-max(lens) // self.block_size)
-        rows = [
-            table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks]))
-            for table in batch.block_tables[:count]
-        ]
-        tables = torch.tensor(rows, dtype=torch.long, device=self.device)
+        tables = self._padded_tables([table[:max_blocks] for table in batch.block_tables[:count]])
         lengths = torch.tensor(lens, dtype=torch.long, device=self.device)
-        if self.decode_kernel is not None:
+        if self.native is not None:
             return tables, lengths, None  # built on first use if a layer's heads need it
         return tables, lengths, self._padding_bias(lengths, max_blocks)
+
+    def _padded_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """[len(tables), longest] block ids, short tables padded with block 0."""
+        width = max(len(table) for table in tables)
+        rows = [table + [0] * (width - len(table)) for table in tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _padding_bias(self, lengths: torch.Tensor, max_blocks: int) -> torch.Tensor:
         positions = torch.arange(max_blocks * self.block_size, device=self.device)
@@ -159,7 +162,7 @@ class SdpaBackend(AttentionBackend):
 
     def _decode(self, q, kv_cache, meta: SdpaMetadata, scale: float) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        kernel = self.decode_kernel
+        kernel = self.native
         if kernel is not None and kernel.paged_decode_supports(q.shape[-1]):
             return kernel.paged_decode(
                 q.contiguous(),

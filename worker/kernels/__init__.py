@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from common.settings import env_switch
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
@@ -38,7 +40,7 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
 def enabled() -> bool:
-    return os.environ.get("SPINDLE_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+    return env_switch("SPINDLE_CPU_KERNELS")
 
 
 @functools.cache
@@ -59,7 +61,7 @@ def native_module() -> Any | None:
             extra_ldflags=["-fopenmp"],
         )
     except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
-        log.warning("CPU kernels unavailable, using the pure-torch decode attention: %s", err)
+        log.warning("CPU kernels unavailable, using the pure-torch paths: %s", err)
         return None
 
 

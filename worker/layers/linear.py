@@ -14,7 +14,6 @@ the product (bench/engine_bench.py measures it). `SPINDLE_PACKED_LINEAR=0` keeps
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Sequence
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.settings import env_switch
 from worker.layers.parallel import SINGLE, ParallelContext
 
 
@@ -47,7 +47,7 @@ PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def packing_enabled() -> bool:
-    return os.environ.get("SPINDLE_PACKED_LINEAR", "1").lower() not in ("0", "false", "no", "off")
+    return env_switch("SPINDLE_PACKED_LINEAR")
 
 
 def can_pack(weight: torch.Tensor) -> bool:
