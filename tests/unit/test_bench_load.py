@@ -1,14 +1,18 @@
-"""bench/load.py's statistics on hand-made timings: percentiles, inter-token latencies, the parsing
-of streamed chunks and the aggregation of a run (no server, no network)."""
+"""bench/load.py: its statistics on hand-made timings (percentiles, inter-token latencies, the
+parsing of streamed chunks, the aggregation of a run), and its client against a scripted HTTP
+server on localhost."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
 
 from bench.load import (
     RequestRecord,
+    _StreamedResponse,
     best_run,
     clocked_summary,
     completion_body,
@@ -17,9 +21,12 @@ from bench.load import (
     markdown_table,
     percentile,
     record_chunk,
+    send_one,
+    sse_payloads,
     summarise,
 )
 from bench.workloads import BenchRequest
+from common.launcher import free_port
 
 
 def test_percentile_interpolates_between_ranks_like_numpy() -> None:
@@ -138,3 +145,107 @@ def test_best_run_keeps_the_fastest_clean_repeat_and_every_rate() -> None:
     assert best_run([broken])["output_tokens_per_s"] == 400.0  # all failed: still reported
     with pytest.raises(ValueError, match="at least one"):
         best_run([])
+
+
+# -- the client, against a scripted HTTP server ------------------------------------------------
+
+
+def _chunked(*events: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+
+def test_sse_payloads_are_split_on_blank_lines_and_timed_by_the_piece_that_ended_them() -> None:
+    pieces = [
+        (1.0, b'data: {"a":1}\n\ndata: {"b"'),
+        (2.0, b":2}\r\n\r\n: ping\n\ndata: [DONE]\n\n"),
+    ]
+    assert sse_payloads(pieces) == [(1.0, '{"a":1}'), (2.0, '{"b":2}'), (2.0, "[DONE]")]
+
+
+def test_chunked_bodies_are_decoded_whatever_the_read_boundaries() -> None:
+    raw = _chunked(b"data: one\n\n", b"data: two\n\n")
+    response = _StreamedResponse()
+    response.chunked = True
+    response.reads = [(1.0, raw[:3]), (2.0, raw[3:20]), (3.0, raw[20:])]
+    # "data: one" ends inside the second read, "data: two" inside the third
+    assert response.timed_pieces() == [(2.0, b"data: one\n\n"), (3.0, b"data: two\n\n")]
+
+
+async def _serve_once(reply_parts: list[bytes], delay_s: float = 0.02):
+    """A server that reads one request and answers with `reply_parts`, pausing between them."""
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
+        received.append(head + await reader.readexactly(length))
+        for part in reply_parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(delay_s)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, port, received
+
+
+def _chunk_json(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def test_send_one_streams_a_chunked_sse_completion() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    events = [
+        _chunk_json({"choices": [{"text": "Hello", "finish_reason": None}]}),
+        _chunk_json({"choices": [{"text": " world", "finish_reason": "length"}]}),
+        _chunk_json({"choices": [], "usage": {"completion_tokens": 2}}),
+        b"data: [DONE]\n\n",
+    ]
+    body = _chunked(*events)
+    split = len(_chunked(events[0])) - 5  # the first event whole, without the end marker
+
+    async def scenario():
+        server, port, received = await _serve_once([head, body[:split], body[split:]])
+        async with server:
+            record = RequestRecord(0, 0.0, expected_tokens=2)
+            url = httpx.URL(f"http://127.0.0.1:{port}/v1/completions")
+            await send_one(url, {"prompt": [1, 2]}, record, {"Authorization": "Bearer k"})
+        return record, received
+
+    record, received = asyncio.run(scenario())
+    assert record.error is None
+    assert record.output_tokens == 2
+    assert len(record.chunk_times) == 2
+    assert record.chunk_times[1] > record.chunk_times[0] > record.sent_at  # two reads apart
+    assert record.finished_at is not None and record.finished_at >= record.chunk_times[-1]
+    request = received[0]
+    assert request.startswith(b"POST /v1/completions HTTP/1.1\r\n")
+    assert b"Authorization: Bearer k" in request
+    assert request.endswith(b'{"prompt": [1, 2]}')
+
+
+def test_send_one_records_http_errors_and_refused_connections() -> None:
+    async def scenario():
+        reply = b'{"error": {"message": "no such model"}}'
+        head = b"HTTP/1.1 404 Not Found\r\ncontent-length: %d\r\n\r\n" % len(reply)
+        server, port, _ = await _serve_once([head + reply])
+        async with server:
+            rejected = RequestRecord(0, 0.0)
+            await send_one(httpx.URL(f"http://127.0.0.1:{port}/v1/completions"), {}, rejected)
+        refused = RequestRecord(1, 0.0)
+        await send_one(httpx.URL(f"http://127.0.0.1:{free_port()}/v1/completions"), {}, refused)
+        return rejected, refused
+
+    rejected, refused = asyncio.run(scenario())
+    assert rejected.error is not None and rejected.error.startswith("HTTP 404")
+    assert "no such model" in rejected.error
+    assert refused.error is not None and "ConnectionRefused" in refused.error
