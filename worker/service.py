@@ -2,7 +2,8 @@
 
     take cancels -> admit jobs (only as many as can start soon) -> engine.step() -> publish
 
-An idle worker blocks in XREADGROUP (no busy loop). Every job ends with exactly one terminal
+Publishing is handed to a background thread (worker/publisher.py) so the next step does not wait
+on Redis. An idle worker blocks in XREADGROUP (no busy loop). Every job ends with exactly one terminal
 event: finished, cancelled, refused (bad input), timed out, or failed — and is then XACKed and
 XDELed. Jobs of dead workers are claimed and resumed from their progress lists; a job delivered
 `max_deliveries` times goes to the dead letters with an error event to its client.
@@ -28,6 +29,7 @@ from common.protocol import ErrorInfo, Event, Job, Usage
 from worker.engine.engine import LLMEngine, RequestError
 from worker.job_queue import Delivery, JobQueue
 from worker.metrics import WorkerMetrics
+from worker.publisher import BackgroundPublisher
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("spindle.worker")
@@ -60,6 +62,10 @@ class WorkerService:
     stopping: bool = False
     _last_heartbeat: float = 0.0
     _last_orphan_scan: float = 0.0
+    publisher: BackgroundPublisher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.publisher = BackgroundPublisher(self.queue)
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> WorkerService:
@@ -237,7 +243,7 @@ class WorkerService:
             )
             for i in range(job.sampling.n)
         ]
-        self.queue.publish(events, {job.id: delivery.message_id})
+        self.publisher.submit(events, {job.id: delivery.message_id})
         self.metrics.finished(finish)
         log.info(
             "request %s ended before running: %s %s", job.id, finish, error.message if error else ""
@@ -272,6 +278,7 @@ class WorkerService:
 
     def _publish(self, events: list[Event]) -> None:
         if not events:
+            self._drop_abandoned(self.publisher.take_listeners())
             return
         now = time.time()
         finished: dict[str, str] = {}
@@ -288,13 +295,14 @@ class WorkerService:
             if event.usage is not None:
                 finished[event.id] = flight.delivery.message_id
                 flight.finish = event.finish
-        listeners = self.queue.publish(known, finished)
+        self.publisher.submit(known, finished)
         for request_id in finished:
             self._log_request(self.inflight.pop(request_id), now)
-        self._drop_abandoned(listeners)
+        self._drop_abandoned(self.publisher.take_listeners())
 
     def _drop_abandoned(self, listeners: dict[str, int]) -> None:
-        """A request whose events nobody hears (its gateway died) is cancelled after a few steps."""
+        """A request whose events nobody hears (its gateway died) is cancelled after a few steps
+        (`listeners`: what the publishes sent since the last check reported)."""
         for request_id, count in listeners.items():
             flight = self.inflight.get(request_id)
             if flight is None:
@@ -343,6 +351,7 @@ class WorkerService:
     def _hand_back(self) -> None:
         """On shutdown, unfinished jobs stay pending in the stream; removing the heartbeat lets
         another worker claim and resume them at once."""
+        self.publisher.close(timeout_s=10)
         if self.inflight:
             log.info("handing back %d unfinished requests", len(self.inflight))
         self.queue.unregister()

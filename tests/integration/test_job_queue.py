@@ -1,0 +1,68 @@
+"""The worker's side of Redis (worker/job_queue.py) against a real redis-server: a step's events
+published in one round trip, with each job's progress list kept (and kept alive) for resumption
+and dropped when the job ends."""
+
+from __future__ import annotations
+
+import redis
+
+from common.keys import Keys
+from common.protocol import Event, Usage
+from worker import job_queue
+from worker.job_queue import PROGRESS_TTL_S, JobQueue
+
+
+def make_queue(redis_server, prefix: str) -> tuple[JobQueue, redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    return JobQueue(client, Keys(prefix), "m", "w1"), client
+
+
+def test_progress_lists_keep_every_token_with_a_ttl_set_once_per_half_ttl(
+    redis_server, unique_prefix, monkeypatch
+):
+    queue, client = make_queue(redis_server, unique_prefix)
+    keys = Keys(unique_prefix)
+    progress = keys.progress("r1")
+    expires = []
+    real_refresh = queue._refresh_progress_ttl
+
+    def counting_refresh(pipe, request_id, now):
+        before = len(pipe)
+        real_refresh(pipe, request_id, now)
+        expires.extend(range(len(pipe) - before))
+
+    monkeypatch.setattr(queue, "_refresh_progress_ttl", counting_refresh)
+    for seq, token in enumerate([11, 12, 13]):
+        queue.publish([Event(id="r1", seq=seq, token_ids=[token], text="x")], {})
+    assert [int(t) for t in client.lrange(progress, 0, -1)] == [11, 12, 13]
+    assert 0 < client.ttl(progress) <= PROGRESS_TTL_S
+    assert len(expires) == 1  # the first step's EXPIRE, not one per token
+
+    clock = [0.0]
+    monkeypatch.setattr(job_queue.time, "monotonic", lambda: clock[0] + 10 * PROGRESS_TTL_S)
+    client.persist(progress)
+    queue.publish([Event(id="r1", seq=3, token_ids=[14], text="x")], {})
+    assert client.ttl(progress) > 0  # refreshed once half the TTL had passed
+    assert len(expires) == 2
+
+
+def test_a_finished_job_is_acked_deleted_and_its_progress_dropped(redis_server, unique_prefix):
+    queue, client = make_queue(redis_server, unique_prefix)
+    keys = Keys(unique_prefix)
+    message_id = client.xadd(queue.stream, {"job": "{}"}).decode()
+    client.xreadgroup(job_queue.WORKER_GROUP, "w1", {queue.stream: ">"}, count=1)
+    queue.publish([Event(id="r2", seq=0, token_ids=[5], text="a")], {})
+    pubsub = client.pubsub()
+    pubsub.subscribe(keys.events("r2"))
+    pubsub.get_message(timeout=1)  # the subscription's confirmation
+    usage = Usage(prompt_tokens=3, completion_tokens=1)
+    listeners = queue.publish(
+        [Event(id="r2", seq=1, finish="length", usage=usage)], {"r2": message_id}
+    )
+    assert listeners == {"r2": 1}
+    assert client.exists(keys.progress("r2")) == 0
+    assert client.xlen(queue.stream) == 0
+    assert "r2" not in queue._progress_ttl_set
+    message = pubsub.get_message(timeout=1)
+    assert message is not None and Event.from_json(message["data"]).finish == "length"
+    pubsub.close()
