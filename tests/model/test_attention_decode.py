@@ -87,3 +87,21 @@ def test_kernel_switch_off_falls_back(monkeypatch):
         monkeypatch.delenv("SPINDLE_CPU_KERNELS")
         kernels.native_module.cache_clear()
     assert SdpaBackend(torch.device("cpu")).native is not None
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_kernel_reads_queries_in_place_from_the_fused_qkv_rows(dtype, tolerance):
+    """The model hands q as a view into each token's q|k|v row (rows strided, heads packed);
+    the kernel reads it there and its output is contiguous."""
+    heads, kv_heads, dim = 9, 3, 64
+    q, cache, batch, k_seqs, v_seqs = random_step(LENGTHS, heads, kv_heads, dim, dtype, seed=3)
+    qkv = torch.zeros(len(LENGTHS), (heads + 2 * kv_heads) * dim, dtype=dtype)
+    qkv[:, : heads * dim] = q.reshape(len(LENGTHS), -1)
+    q_view = qkv[:, : heads * dim].view(len(LENGTHS), heads, dim)
+    assert not q_view.is_contiguous()
+    backend = SdpaBackend(torch.device("cpu"))
+    assert backend.native is not None
+    out = decode_with(backend, q_view, cache, batch, dim**-0.5)
+    assert out.is_contiguous()
+    expected = reference(q, k_seqs, v_seqs, dim**-0.5)
+    assert torch.allclose(out.double(), expected, atol=tolerance, rtol=tolerance)

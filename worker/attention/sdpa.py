@@ -131,6 +131,8 @@ class SdpaBackend(AttentionBackend):
     def forward(self, q, k, v, kv_cache, meta, scale):
         assert isinstance(meta, SdpaMetadata)
         self.write_cache(kv_cache, k, v, meta.slot_mapping)
+        if meta.num_decodes == q.shape[0]:  # decodes only: the kernel's output is the answer
+            return self._decode(q, kv_cache, meta, scale)
         out = q.new_empty(q.shape)  # contiguous, whatever q's strides (the kernels write into it)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], kv_cache, meta, scale)
@@ -165,7 +167,7 @@ class SdpaBackend(AttentionBackend):
         kernel = self.native
         if kernel is not None and kernel.paged_decode_supports(q.shape[-1]):
             return kernel.paged_decode(
-                q.contiguous(),
+                q if _heads_packed(q) else q.contiguous(),
                 kv_cache[0],
                 kv_cache[1],
                 meta.decode_block_tables,
