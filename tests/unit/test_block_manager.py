@@ -56,7 +56,7 @@ def test_grow_is_all_or_nothing() -> None:
     assert len(seq.block_ids) == 4
 
 
-def test_free_returns_every_block_and_reuses_the_tail_first() -> None:
+def test_free_returns_every_block_and_reuses_warm_clean_blocks_first_in_order() -> None:
     blocks = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
     seq = make_seq(list(range(12)))
     compute_all(blocks, seq)
@@ -65,10 +65,29 @@ def test_free_returns_every_block_and_reuses_the_tail_first() -> None:
     assert blocks.num_free_blocks == 6 and blocks.num_used_blocks == 0
     assert seq.block_ids == [] and seq.num_computed_tokens == 0
     assert all(blocks._blocks[b].ref_count == 0 for b in held)
-    # The three never-used blocks go first, then the freed tail, so the head stays cached longest.
+    # Nothing is cached: the blocks just freed (warm memory) go first, in their order, then the
+    # never-used ones.
     other = make_seq(list(range(100, 124)))
     assert blocks.grow(other, 24)
-    assert other.block_ids[3:] == list(reversed(held))
+    assert other.block_ids[:3] == held
+    assert sorted(other.block_ids[3:]) == sorted(set(range(6)) - set(held))
+
+
+def test_clean_blocks_go_before_cached_ones_which_go_oldest_freed_first() -> None:
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    first, second = make_seq(list(range(8))), make_seq(list(range(50, 58)))
+    compute_all(blocks, first)  # 2 full blocks, both cached
+    compute_all(blocks, second)
+    first_head, first_tail = first.block_ids
+    blocks.free(first)
+    blocks.free(second)
+    assert len(blocks._cached) == 4 and blocks.num_free_blocks == 6
+    newcomer = make_seq(list(range(100, 112)))
+    assert blocks.grow(newcomer, 12)
+    # the two never-used blocks first, then the oldest freed cached block: first's tail
+    assert newcomer.block_ids[2] == first_tail
+    assert first_head not in newcomer.block_ids and len(blocks._cached) == 3
+    assert blocks.match_prefix(make_seq(list(range(9)))) == [first_head]
 
 
 def test_commit_registers_only_full_computed_blocks() -> None:
@@ -336,7 +355,10 @@ def check_books(traffic: Traffic) -> None:
     holders = Counter(b for seq in scheduler.running for b in seq.block_ids)
     for block in blocks._blocks:
         assert block.ref_count == holders[block.block_id]
-        assert (block.ref_count == 0) == (block.block_id in blocks._free)
+        free = block.block_id in blocks._free or block.block_id in blocks._clean
+        assert (block.ref_count == 0) == free
+        if free:
+            assert (block.block_id in blocks._free) == (block.key is not None)
         if block.ref_count > 1:
             assert block.key is not None  # only full cached blocks are shared
     used = sum(1 for block in blocks._blocks if block.ref_count > 0)

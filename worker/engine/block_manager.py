@@ -30,17 +30,18 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self._blocks = [Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._clean: list[int] = list(reversed(range(num_blocks)))  # a stack: block 0 on top
+        self._free: OrderedDict[int, None] = OrderedDict()  # free cached blocks, oldest first
         self._cached: dict[tuple[int, tuple[int, ...]], int] = {}
         self.num_cache_hit_tokens = 0  # tokens served from the prefix cache since start
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._clean) + len(self._free)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -85,9 +86,10 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks measuring cold prompts; tests)."""
-        for block in self._blocks:
-            if block.ref_count == 0:
-                block.key = None
+        for block_id in self._free:  # oldest first: the most recently freed ends on top
+            self._blocks[block_id].key = None
+            self._clean.append(block_id)
+        self._free.clear()
         self._cached = {key: i for key, i in self._cached.items() if self._blocks[i].key == key}
 
     def commit(self, seq: Sequence) -> None:
@@ -112,20 +114,24 @@ class BlockManager:
         missing = self.blocks_for(num_tokens) - len(seq.block_ids)
         if missing <= 0:
             return True
-        if missing > len(self._free):
+        if missing > self.num_free_blocks:
             return False
         for _ in range(missing):
             seq.block_ids.append(self._allocate_fresh())
         return True
 
     def free(self, seq: Sequence) -> None:
-        """Release every block of `seq`. Tail blocks are released first so that they are the
-        first to be reused and the shareable head of the prefix stays cached longest."""
+        """Release every block of `seq`, tail first: a cached tail is then evicted before the
+        shareable head of its prefix, and clean blocks go back on their stack head on top, so
+        the next sequence gets them in order (contiguous K/V rows for the attention kernels)."""
         for block_id in reversed(seq.block_ids):
             block = self._blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self._free[block_id] = None
+                if block.key is None:
+                    self._clean.append(block_id)
+                else:
+                    self._free[block_id] = None
         seq.block_ids = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
@@ -137,7 +143,10 @@ class BlockManager:
         block.ref_count += 1
 
     def _allocate_fresh(self) -> int:
-        block_id, _ = self._free.popitem(last=False)
+        if self._clean:
+            block_id = self._clean.pop()
+        else:
+            block_id, _ = self._free.popitem(last=False)
         block = self._blocks[block_id]
         if block.key is not None:
             del self._cached[block.key]
