@@ -3,10 +3,10 @@
     take cancels -> admit jobs (only as many as can start soon) -> engine.step() -> publish
 
 Publishing is handed to a background thread (worker/publisher.py) so the next step does not wait
-on Redis. An idle worker blocks in XREADGROUP (no busy loop). Every job ends with exactly one terminal
-event: finished, cancelled, refused (bad input), timed out, or failed — and is then XACKed and
-XDELed. Jobs of dead workers are claimed and resumed from their progress lists; a job delivered
-`max_deliveries` times goes to the dead letters with an error event to its client.
+on Redis. An idle worker blocks in XREADGROUP (no busy loop). Every job ends with exactly one
+terminal event: finished, cancelled, refused (bad input), timed out, or failed — and is then
+XACKed and XDELed. Jobs of dead workers are claimed and resumed from their progress lists; a job
+delivered `max_deliveries` times goes to the dead letters with an error event to its client.
 """
 
 from __future__ import annotations
