@@ -17,6 +17,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -48,9 +50,10 @@ struct Scratch {
   std::vector<vec> probs;   // [block][ROW_VECS]: scores, then probabilities, transposed
   std::vector<float> keys;  // [block][HEAD_DIM] fp32
   std::vector<float> values;
+  std::vector<uint32_t> query_pairs;  // [HEAD_DIM / 2][ROWS]: unscaled bf16 pairs (bf16 path)
   explicit Scratch(int64_t block)
       : query(HEAD_DIM * ROW_VECS), acc(HEAD_DIM * ROW_VECS), probs(block * ROW_VECS),
-        keys(block * HEAD_DIM), values(block * HEAD_DIM) {}
+        keys(block * HEAD_DIM), values(block * HEAD_DIM), query_pairs(HEAD_DIM / 2 * ROWS) {}
 };
 
 template <typename T, int64_t HEAD_DIM>
@@ -84,6 +87,46 @@ inline void block_scores(Scratch<HEAD_DIM>& s, int64_t valid) {
     for (int64_t v = 0; v < ROW_VECS; ++v) s.probs[t0 * ROW_VECS + v] = a[v];
   }
 }
+
+#if defined(__AVX512BF16__)
+constexpr bool BF16_DOT = true;
+// block_scores for bf16 caches with AVX512_BF16: `vdpbf16ps` multiplies pairs of dimensions of
+// the bf16 query rows (lanes) by a broadcast pair of the key row, read straight from the cache
+// (no fp32 copy of K); products of two bf16 are exact in fp32. The scale is applied to the
+// scores. Halves the score loop's instructions.
+template <int64_t HEAD_DIM>
+inline void block_scores_bf16(Scratch<HEAD_DIM>& s, const at::BFloat16* keys, int64_t valid,
+                              float scale) {
+  constexpr int64_t PAIRS = HEAD_DIM / 2;
+  const uint32_t* key_pairs = reinterpret_cast<const uint32_t*>(keys);
+  const uint32_t* query = s.query_pairs.data();
+  const __m512 factor = _mm512_set1_ps(scale);
+  const auto score_keys = [&](int64_t t0, auto count) {
+    constexpr int64_t KEYS = decltype(count)::value;
+    __m512 a[KEYS][ROW_VECS];
+    for (int64_t i = 0; i < KEYS; ++i)
+      for (int64_t v = 0; v < ROW_VECS; ++v) a[i][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < PAIRS; ++p) {
+      __m512bh q[ROW_VECS];
+      for (int64_t v = 0; v < ROW_VECS; ++v)
+        q[v] = (__m512bh)_mm512_loadu_si512(query + (p * ROW_VECS + v) * LANES);
+      for (int64_t i = 0; i < KEYS; ++i) {
+        const __m512bh k = (__m512bh)_mm512_set1_epi32(key_pairs[(t0 + i) * PAIRS + p]);
+        for (int64_t v = 0; v < ROW_VECS; ++v) a[i][v] = _mm512_dpbf16_ps(a[i][v], q[v], k);
+      }
+    }
+    for (int64_t i = 0; i < KEYS; ++i)
+      for (int64_t v = 0; v < ROW_VECS; ++v)
+        s.probs[(t0 + i) * ROW_VECS + v] = (vec)_mm512_mul_ps(a[i][v], factor);
+  };
+  int64_t t0 = 0;
+  for (; t0 + KEY_BLOCK <= valid; t0 += KEY_BLOCK)
+    score_keys(t0, std::integral_constant<int64_t, KEY_BLOCK>{});
+  for (; t0 < valid; ++t0) score_keys(t0, std::integral_constant<int64_t, 1>{});
+}
+#else
+constexpr bool BF16_DOT = false;
+#endif
 
 // acc[d][v] += sum_t probs[t][v] * values[t][d].
 template <int64_t HEAD_DIM>
@@ -122,6 +165,7 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
   const int64_t* lens = q_lens.data_ptr<int64_t>();
   const int64_t* contexts = context_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
+  constexpr bool bf16_dot = BF16_DOT && std::is_same_v<T, at::BFloat16>;
 
   std::vector<Item> items;
   for (int64_t c = 0; c < q_starts.size(0); ++c) {
@@ -152,8 +196,14 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
       position_lanes[r] = static_cast<int32_t>(offset + item.first + row / group);
       const T* src = q_ptr + (first_row + row / group) * q_row_stride +
                      (item.kv_head * group + row % group) * HEAD_DIM;
-      for (int64_t d = 0; d < HEAD_DIM; ++d)
-        query[(d * ROW_VECS + r / LANES) * LANES + r % LANES] = to_float(src[d]) * fscale;
+      if constexpr (bf16_dot) {
+        const uint32_t* pairs = reinterpret_cast<const uint32_t*>(src);
+        for (int64_t p = 0; p < HEAD_DIM / 2; ++p)
+          s.query_pairs[(p * ROW_VECS + r / LANES) * LANES + r % LANES] = pairs[p];
+      } else {
+        for (int64_t d = 0; d < HEAD_DIM; ++d)
+          query[(d * ROW_VECS + r / LANES) * LANES + r % LANES] = to_float(src[d]) * fscale;
+      }
     }
     ivec position[ROW_VECS];
     std::memcpy(position, position_lanes, sizeof(position));
@@ -166,9 +216,16 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
     for (int64_t key0 = 0; key0 <= last_position; key0 += block_size) {
       const int64_t valid = std::min(block_size, last_position + 1 - key0);
       const int64_t block = table[key0 / block_size] * block_size * HEAD_DIM;
-      rows_to_float<T, HEAD_DIM>(k_ptr + head_base + block, s.keys.data(), valid);
       rows_to_float<T, HEAD_DIM>(v_ptr + head_base + block, s.values.data(), valid);
-      block_scores(s, valid);
+#if defined(__AVX512BF16__)
+      if constexpr (bf16_dot) {
+        block_scores_bf16(s, k_ptr + head_base + block, valid, fscale);
+      } else
+#endif
+      {
+        rows_to_float<T, HEAD_DIM>(k_ptr + head_base + block, s.keys.data(), valid);
+        block_scores(s, valid);
+      }
       if (key0 + valid - 1 > first_position) {  // the block reaches past some row: mask
         for (int64_t t = 0; t < valid; ++t)
           for (int64_t v = 0; v < ROW_VECS; ++v) {
