@@ -3,14 +3,16 @@
 // head-major paged KV cache ([kv_heads, blocks, block_size, head_dim]) after the step's K/V were
 // written to it. One call covers every chunk of the step.
 //
-// Flash-attention style, in fp32 arithmetic. A work item is (chunk, KV head, tile of query
-// positions) with 48 query rows: the tile's positions times the query heads sharing the KV head,
-// so each K/V block is converted once for all of them. The rows run along vector lanes, so per
-// cache block (16 keys) the scores (register-blocked: 8 keys x 3 row vectors), causal mask, online
-// softmax (running max and sum) and O += P·V are whole-vector operations with no horizontal
-// reductions. Items are taken longest-first from a shared counter so the threads finish together
-// despite the causal triangle. Built with -ffast-math: masked scores are a large negative number,
-// never -inf. The vector type is GCC's generic one, so the code vectorises for AVX-512, AVX2 or SSE.
+// Flash-attention style, in fp32 arithmetic (with bf16 caches on AVX512_BF16 CPUs the q.k scores
+// come from `vdpbf16ps`, see block_scores_bf16; softmax and P·V stay fp32). A work item is (chunk,
+// KV head, tile of query positions) with 48 query rows: the tile's positions times the query heads
+// sharing the KV head, so each K/V block is converted once for all of them. The rows run along
+// vector lanes, so per cache block (16 keys) the scores (register-blocked: 8 keys x 3 row
+// vectors), causal mask, online softmax (running max and sum) and O += P·V are whole-vector
+// operations with no horizontal reductions. Items are taken longest-first from a shared counter so
+// the threads finish together despite the causal triangle. Built with -ffast-math: masked scores
+// are a large negative number, never -inf. The vector type is GCC's generic one, so the code
+// vectorises for AVX-512, AVX2 or SSE.
 #include "kernels.h"
 #include "vec.h"
 
