@@ -19,8 +19,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -91,7 +89,6 @@ inline void block_scores(Scratch<HEAD_DIM>& s, int64_t valid) {
 }
 
 #if defined(__AVX512BF16__)
-constexpr bool BF16_DOT = true;
 // block_scores for bf16 caches with AVX512_BF16: `vdpbf16ps` multiplies pairs of dimensions of
 // the bf16 query rows (lanes) by a broadcast pair of the key row, read straight from the cache
 // (no fp32 copy of K); products of two bf16 are exact in fp32. The scale is applied to the
@@ -126,8 +123,6 @@ inline void block_scores_bf16(Scratch<HEAD_DIM>& s, const at::BFloat16* keys, in
     score_keys(t0, std::integral_constant<int64_t, KEY_BLOCK>{});
   for (; t0 < valid; ++t0) score_keys(t0, std::integral_constant<int64_t, 1>{});
 }
-#else
-constexpr bool BF16_DOT = false;
 #endif
 
 // acc[d][v] += sum_t probs[t][v] * values[t][d].

@@ -1,11 +1,16 @@
 // Helpers shared by the attention kernels: GCC's generic vector type of 16 floats (one AVX-512
 // register; two AVX2 or four SSE registers elsewhere, so the kernels build for any x86 or ARM
-// CPU), element conversions, a whole-vector exp, a 16-way transposing horizontal sum, and the
-// work queue that spreads uneven items over torch's threads.
+// CPU), element conversions, a whole-vector exp, a 16-way transposing horizontal sum, the work
+// queue that spreads uneven items over torch's threads, and whether bf16 dot products
+// (`vdpbf16ps`, AVX512_BF16) are compiled in.
 #pragma once
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -15,6 +20,14 @@
 namespace spindle_vec {
 
 constexpr int64_t LANES = 16;  // floats per vector
+
+// The attention kernels' bf16 paths multiply bf16 pairs with `vdpbf16ps` where the CPU has it
+// (products of two bf16 are exact in fp32, summed in fp32); elsewhere they convert to fp32.
+#if defined(__AVX512BF16__)
+constexpr bool BF16_DOT = true;
+#else
+constexpr bool BF16_DOT = false;
+#endif
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
