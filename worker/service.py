@@ -111,6 +111,7 @@ class WorkerService:
         if not self.stopping:
             self._admit(self._claim_orphans() + self._pull())
         self._publish(self._step())
+        self._drop_abandoned(self.publisher.take_listeners())
         self._heartbeat()
 
     def _step(self) -> list[Event]:
@@ -278,7 +279,6 @@ class WorkerService:
 
     def _publish(self, events: list[Event]) -> None:
         if not events:
-            self._drop_abandoned(self.publisher.take_listeners())
             return
         now = time.time()
         finished: dict[str, str] = {}
@@ -298,11 +298,10 @@ class WorkerService:
         self.publisher.submit(known, finished)
         for request_id in finished:
             self._log_request(self.inflight.pop(request_id), now)
-        self._drop_abandoned(self.publisher.take_listeners())
 
     def _drop_abandoned(self, listeners: dict[str, int]) -> None:
         """A request whose events nobody hears (its gateway died) is cancelled after a few steps
-        (`listeners`: what the publishes sent since the last check reported)."""
+        (`listeners`: what the publishes sent since the last pass reported, once per pass)."""
         for request_id, count in listeners.items():
             flight = self.inflight.get(request_id)
             if flight is None:
