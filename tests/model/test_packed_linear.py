@@ -86,3 +86,61 @@ def test_a_tied_head_packs_a_copy_and_keeps_the_embedding(tmp_path):
     torch.testing.assert_close(
         head.compute_logits(hidden), F.linear(hidden, embedding.weight), atol=1e-5, rtol=1e-5
     )
+
+
+def amx_native():
+    from worker.kernels import native_module
+
+    native = native_module()
+    return native if native is not None and native.linear_amx_supported(32, 32) else None
+
+
+needs_amx = pytest.mark.skipif(
+    amx_native() is None, reason="this CPU (or build) has no AMX-BF16: linear_amx is not built"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [0, 1, 7, 16, 17, 32, 33, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_amx_product_rounds_the_fp32_product_once(rows, with_bias):
+    gen = torch.Generator().manual_seed(rows)
+    layer = ColumnParallelLinear(96, 64, bias=with_bias).to(torch.bfloat16)
+    layer.weight.copy_(torch.randn(64, 96, generator=gen) * 0.1)
+    if with_bias:
+        layer.bias.copy_(torch.randn(64, generator=gen))
+    weight, bias = layer.weight.detach().clone(), layer.bias
+    x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
+
+    assert layer.pack()
+    assert layer.amx is not None and layer.weight.numel() == 0
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 64)
+    exact = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    # fp32 sums in another order, then one rounding to bf16: within one bf16 step of exact.
+    torch.testing.assert_close(got.float(), exact, atol=1e-3, rtol=2**-7)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-2, rtol=2**-7)
+
+
+@needs_amx
+def test_the_amx_product_takes_any_leading_shape_and_strided_rows():
+    gen = torch.Generator().manual_seed(0)
+    layer = RowParallelLinear(64, 32).to(torch.bfloat16)
+    layer.weight.copy_(torch.randn(32, 64, generator=gen))
+    weight = layer.weight.detach().clone()
+    wide = torch.randn(2, 5, 128, generator=gen).to(torch.bfloat16)
+    x = wide[..., ::2]  # not contiguous
+    assert layer.pack() and layer.amx is not None
+    got = layer(x)
+    assert got.shape == (2, 5, 32)
+    torch.testing.assert_close(
+        got.float(), F.linear(x.float(), weight.float()), atol=1e-3, rtol=2**-7
+    )
+
+
+@needs_amx
+def test_weights_off_the_32_grid_and_fp32_weights_stay_with_onednn():
+    odd = ColumnParallelLinear(96, 80).to(torch.bfloat16)
+    assert odd.pack() and odd.amx is None and odd.packed_weight is not None
+    fp32 = ColumnParallelLinear(96, 64)
+    assert fp32.pack() and fp32.amx is None and fp32.packed_weight is not None

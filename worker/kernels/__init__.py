@@ -3,6 +3,7 @@ ninja) and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, defau
 ~/.cache/torch_extensions), so only the first process on a machine pays the ~1-2 min build;
 `scripts/bootstrap` builds them ahead (`python -m worker.kernels`).
 
+`linear_amx` multiplies bf16 linear layers on AMX tiles (worker/layers/linear.py packs for it);
 `paged_decode` is decode attention and `paged_prefill_` causal attention of prompt chunks, both
 read in place from the paged KV cache; `write_kv_cache_` stores a step's K/V rows in it;
 `argmax_rows` is greedy sampling's argmax; `rms_norm`, `add_rms_norm_`, `rotary_` and
@@ -34,6 +35,7 @@ SOURCES = [
         "paged_prefill.cpp",
         "rows.cpp",
         "fused_ops.cpp",
+        "linear_amx.cpp",
     )
 ]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]

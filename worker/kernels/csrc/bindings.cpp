@@ -11,5 +11,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
   m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place (neox layout)");
+  m.def("linear_amx_supported", &linear_amx_supported, "whether linear_amx takes this weight");
+  m.def("pack_linear_amx", &pack_linear_amx, "a bf16 [out, in] weight in linear_amx's layout");
+  m.def("linear_amx", &linear_amx, "y = x W^T + b on AMX tiles from a packed bf16 weight",
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up over a fused gate|up tensor");
 }

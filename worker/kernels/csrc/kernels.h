@@ -30,3 +30,10 @@ void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight
 void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_cache,
              const at::Tensor& sin_cache);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
+
+// bf16 linear layers on AMX tiles for decode-sized batches (linear_amx.cpp): whether this build
+// and CPU multiply a [out, in] weight this way, its packed layout, and y = x Wᵀ + b from it.
+bool linear_amx_supported(int64_t out_features, int64_t in_features);
+at::Tensor pack_linear_amx(const at::Tensor& weight);
+at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
+                      const c10::optional<at::Tensor>& bias);
