@@ -113,7 +113,7 @@ def test_the_amx_product_rounds_the_fp32_product_once(rows, with_bias):
     x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
 
     assert layer.pack()
-    assert layer.amx is not None and layer.weight.numel() == 0
+    assert layer.native is not None and layer.native.name == "amx" and layer.weight.numel() == 0
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 64)
     exact = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
@@ -130,7 +130,7 @@ def test_the_amx_product_takes_any_leading_shape_and_strided_rows():
     weight = layer.weight.detach().clone()
     wide = torch.randn(2, 5, 128, generator=gen).to(torch.bfloat16)
     x = wide[..., ::2]  # not contiguous
-    assert layer.pack() and layer.amx is not None
+    assert layer.pack() and layer.native is not None and layer.native.name == "amx"
     got = layer(x)
     assert got.shape == (2, 5, 32)
     torch.testing.assert_close(
@@ -139,8 +139,36 @@ def test_the_amx_product_takes_any_leading_shape_and_strided_rows():
 
 
 @needs_amx
-def test_weights_off_the_32_grid_and_fp32_weights_stay_with_onednn():
+def test_weights_off_the_32_grid_stay_with_onednn():
     odd = ColumnParallelLinear(96, 80).to(torch.bfloat16)
-    assert odd.pack() and odd.amx is None and odd.packed_weight is not None
-    fp32 = ColumnParallelLinear(96, 64)
-    assert fp32.pack() and fp32.amx is None and fp32.packed_weight is not None
+    assert odd.pack() and odd.native is None and odd.packed_weight is not None
+    odd = ColumnParallelLinear(96, 80)
+    assert odd.pack() and odd.native is None and odd.packed_weight is not None
+
+
+def f32_native():
+    from worker.kernels import native_module
+
+    native = native_module()
+    return native if native is not None and native.linear_f32_supported(32, 32) else None
+
+
+@pytest.mark.skipif(f32_native() is None, reason="no AVX-512 here: linear_f32 is not built")
+@pytest.mark.parametrize("rows", [0, 1, 11, 12, 13, 32, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_avx512_fp32_product_equals_the_exact_one(rows, with_bias):
+    gen = torch.Generator().manual_seed(rows)
+    layer = ColumnParallelLinear(80, 96, bias=with_bias)
+    layer.weight.copy_(torch.randn(96, 80, generator=gen))
+    if with_bias:
+        layer.bias.copy_(torch.randn(96, generator=gen))
+    weight, bias = layer.weight.detach().clone(), layer.bias
+    x = torch.randn(3, rows, 80, generator=gen)
+
+    assert layer.pack()
+    assert layer.native is not None and layer.native.name == "avx512"
+    assert layer.weight.numel() == 0
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (3, rows, 96)
+    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)

@@ -9,10 +9,12 @@ several checkpoint tensors (q/k/v, gate/up) into one matmul.
 On the CPU, `pack_linear_weights` reorders every weight once, after loading, into oneDNN's blocked
 layout (the prepacking inductor's freezing pass and vLLM's CPU backend do): a plain `F.linear` in
 bfloat16 or float32 reorders the weight on every call, which at decode batch sizes costs more than
-the product (bench/engine_bench.py measures it). On a CPU with AMX, a bf16 weight whose dims are
-multiples of 32 is packed for spindle's own AMX kernel instead (worker/kernels/csrc/linear_amx.cpp):
-it streams the weights at decode batch sizes 2-3x faster than oneDNN and matches it on prompts.
-`SPINDLE_PACKED_LINEAR=0` keeps plain weights; `SPINDLE_CPU_KERNELS=0` keeps oneDNN's packing.
+the product (bench/engine_bench.py measures it). Where spindle's own kernels apply, the weight is
+packed for them instead: bf16 on a CPU with AMX (dims multiples of 32; linear_amx.cpp streams the
+weights at decode batch sizes 2-3x faster than oneDNN and matches it on prompts) and float32 on
+one with AVX-512 (out dim a multiple of 32; linear_f32.cpp, 1.1-2.5x at decode sizes).
+`SPINDLE_PACKED_LINEAR=0` keeps plain weights; `SPINDLE_NATIVE_LINEAR=0` (or
+`SPINDLE_CPU_KERNELS=0`) keeps oneDNN's packing, to compare the two.
 """
 
 from __future__ import annotations
@@ -64,35 +66,52 @@ def can_pack(weight: torch.Tensor) -> bool:
     return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def amx_kernels(weight: torch.Tensor) -> Any | None:
-    """The native kernels when they multiply this weight on AMX tiles (a bf16 CPU weight with
-    dims that are multiples of 32, on a CPU and OS with AMX), else None."""
-    if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+class NativeLinear:
+    """One of spindle's own linear products (worker/kernels): its packing and its product."""
+
+    def __init__(self, native: Any, dtype: torch.dtype) -> None:
+        bf16 = dtype == torch.bfloat16
+        self.name = "amx" if bf16 else "avx512"
+        self.pack = native.pack_linear_amx if bf16 else native.pack_linear_f32
+        self.product = native.linear_amx if bf16 else native.linear_f32
+
+
+def native_linear(weight: torch.Tensor) -> NativeLinear | None:
+    """spindle's kernel for this CPU weight where one takes it (bf16 with AMX, dims multiples of
+    32; float32 with AVX-512, out dim a multiple of 32), else None (oneDNN)."""
+    if weight.dim() != 2 or weight.dtype not in PACKABLE_DTYPES:
+        return None
+    if not env_switch("SPINDLE_NATIVE_LINEAR"):
         return None
     native = for_tensor(weight)
-    if native is None or not native.linear_amx_supported(*weight.shape):
+    if native is None:
         return None
-    return native
+    supported = (
+        native.linear_amx_supported
+        if weight.dtype == torch.bfloat16
+        else native.linear_f32_supported
+    )
+    return NativeLinear(native, weight.dtype) if supported(*weight.shape) else None
 
 
 class PackableLinear(nn.Module):
     """A module whose `weight` [out, in] multiplies inputs, plain or — once `pack()` ran — from
-    a packed copy that replaces it: oneDNN's layout, or spindle's AMX kernel's (`amx`)."""
+    a packed copy that replaces it: oneDNN's layout, or one of spindle's kernels' (`native`)."""
 
     weight: nn.Parameter
     packed_weight: torch.Tensor | None = None
-    amx: Any = None  # the native kernels, when packed_weight is in linear_amx's layout
+    native: NativeLinear | None = None  # set when packed_weight is in a spindle kernel's layout
 
     def pack(self, release: bool = True) -> bool:
-        """Reorder the weight for oneDNN or the AMX kernel; with `release` the plain weight's
+        """Reorder the weight for spindle's kernel or oneDNN; with `release` the plain weight's
         memory is freed (the parameter becomes empty). False, and nothing changes, where packing
         does not apply."""
         if not can_pack(self.weight):
             return False
         weight = self.weight.detach()
-        self.amx = amx_kernels(weight)
-        if self.amx is not None:
-            self.packed_weight = self.amx.pack_linear_amx(weight)
+        self.native = native_linear(weight)
+        if self.native is not None:
+            self.packed_weight = self.native.pack(weight)
         else:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         if release:
@@ -100,8 +119,8 @@ class PackableLinear(nn.Module):
         return True
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.amx is not None:
-            return self.amx.linear_amx(x, self.packed_weight, bias)
+        if self.native is not None:
+            return self.native.product(x, self.packed_weight, bias)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
         return F.linear(x, self.weight, bias)

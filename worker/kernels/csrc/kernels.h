@@ -37,3 +37,9 @@ bool linear_amx_supported(int64_t out_features, int64_t in_features);
 at::Tensor pack_linear_amx(const at::Tensor& weight);
 at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
                       const c10::optional<at::Tensor>& bias);
+
+// float32 linear layers with AVX-512 FMAs, laid out for streaming the weights (linear_f32.cpp).
+bool linear_f32_supported(int64_t out_features, int64_t in_features);
+at::Tensor pack_linear_f32(const at::Tensor& weight);
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
+                      const c10::optional<at::Tensor>& bias);

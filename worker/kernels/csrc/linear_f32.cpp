@@ -1,0 +1,141 @@
+// float32 linear layers (y = x Wᵀ + b) with AVX-512 FMAs, laid out for streaming the weights.
+//
+// The fp32 twin of linear_amx.cpp: at decode batch sizes a step reads every weight once, and
+// oneDNN's prepacked product leaves much of the memory bandwidth idle. The packed weight is one
+// contiguous run per 32 output columns ([N/32][K][32]); each thread takes a contiguous range of
+// column blocks and multiplies up to ROWS rows of x at a time into 2 x ROWS accumulator
+// registers (x broadcast one element at a time, two weight vectors per K). Every pass over a
+// block prefetches the NEXT block into L2 row by row, so a batch of more than ROWS rows (several
+// passes) overlaps the next block's DRAM read with this block's arithmetic, and a single pass
+// streams one block ahead. Larger batches loop rows in chunks of M_CHUNK inside each column
+// block. Sums are fp32 FMAs over K in order, as a plain dot product would add them.
+//
+// Built where the compiler targets AVX-512F; elsewhere `linear_f32_supported` is false and the
+// callers keep oneDNN (worker/layers/linear.py).
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+
+#if defined(__AVX512F__)
+#define SPINDLE_F32_LINEAR 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t COLS = 32;         // output columns per packed block: two vectors
+constexpr int ROWS = 12;             // rows of x per register tile (24 accumulators)
+constexpr int64_t M_CHUNK = 256;     // rows that pass over a column block while it is cached
+
+#if SPINDLE_F32_LINEAR
+
+// Rows [0, R) of x times one packed block `w` into y; `next` (the next block, or null) is
+// prefetched into L2 on the way.
+template <int R>
+void multiply_tile(const float* x, int64_t ldx, const float* w, const float* next, int64_t k,
+                   float* y, int64_t ldy, const float* bias) {
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* w_row = w + kk * COLS;
+    if (next) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + kk * COLS), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next + kk * COLS + 16), _MM_HINT_T1);
+    }
+    const __m512 w_lo = _mm512_loadu_ps(w_row), w_hi = _mm512_loadu_ps(w_row + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
+      lo[r] = _mm512_fmadd_ps(xv, w_lo, lo[r]);
+      hi[r] = _mm512_fmadd_ps(xv, w_hi, hi[r]);
+    }
+  }
+  const __m512 bias_lo = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  const __m512 bias_hi = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(y + r * ldy, _mm512_add_ps(lo[r], bias_lo));
+    _mm512_storeu_ps(y + r * ldy + 16, _mm512_add_ps(hi[r], bias_hi));
+  }
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*,
+                        int64_t, const float*);
+
+template <int... R>
+constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
+  return {&multiply_tile<R + 1>...};
+}
+
+const std::array<TileFn, ROWS> TILES = tile_table(std::make_integer_sequence<int, ROWS>{});  // [rows - 1]
+
+#endif  // SPINDLE_F32_LINEAR
+
+}  // namespace
+
+bool linear_f32_supported(int64_t out_features, int64_t in_features) {
+#if SPINDLE_F32_LINEAR
+  return out_features % COLS == 0 && in_features > 0;
+#else
+  (void)out_features;
+  (void)in_features;
+  return false;
+#endif
+}
+
+at::Tensor pack_linear_f32(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "a 2-d float32 weight");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(n % COLS == 0, "out_features must be a multiple of 32");
+  // [N/32][K][32]: block b, row kk holds W[b*32 + c][kk] for c < 32
+  return weight.reshape({n / COLS, COLS, k}).transpose(1, 2).contiguous();
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
+                      const c10::optional<at::Tensor>& bias) {
+#if SPINDLE_F32_LINEAR
+  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
+              "linear_f32 multiplies float32");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == COLS, "pack the weight with pack_linear_f32");
+  const int64_t k = packed.size(1), n = packed.size(0) * COLS;
+  TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " features, the weight ", k);
+  const at::Tensor rows = x.reshape({-1, k}).contiguous();
+  const int64_t m = rows.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0) return out.view(out_shape);
+  at::Tensor bias_f32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "bias has ", bias->numel(), " values, the output ", n);
+    bias_f32 = bias->to(at::kFloat).contiguous();
+  }
+  const float* bias_ptr = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  const float* a = rows.data_ptr<float>();
+  const float* w = packed.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, n / COLS, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
+      const int64_t chunk_end = std::min(m, chunk + M_CHUNK);
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const float* block = w + nb * k * COLS;
+        const float* next = nb + 1 < end ? block + k * COLS : nullptr;
+        const float* block_bias = bias_ptr ? bias_ptr + nb * COLS : nullptr;
+        for (int64_t r0 = chunk; r0 < chunk_end; r0 += ROWS) {
+          const int64_t live = std::min<int64_t>(ROWS, chunk_end - r0);
+          TILES[live - 1](a + r0 * k, k, block, next, k, y + r0 * n + nb * COLS, n, block_bias);
+        }
+      }
+    }
+  });
+  return out.view(out_shape);
+#else
+  (void)x;
+  (void)packed;
+  (void)bias;
+  TORCH_CHECK(false, "spindle's CPU kernels were built without AVX-512");
+#endif
+}
