@@ -64,7 +64,7 @@ class ModelRunner:
             self.num_blocks = broadcast_int(self.num_blocks, self.device)
         self._allocate_kv_cache()
         log.info(
-            "model ready: %s on %s (%s), attention %s, %d oneDNN-packed weights, "
+            "model ready: %s on %s (%s), attention %s, %d packed weights, "
             "KV cache %d blocks x %d tokens",
             type(self.model).__name__,
             self.device,

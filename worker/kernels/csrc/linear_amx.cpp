@@ -16,6 +16,7 @@
 // Linux for the tile state once (arch_prctl). Elsewhere `linear_amx_supported` is false and the
 // callers keep oneDNN (worker/layers/linear.py).
 #include "kernels.h"
+#include "linear_call.h"
 
 #include <ATen/Parallel.h>
 
@@ -156,27 +157,18 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
               "linear_amx multiplies bf16");
   TORCH_CHECK(packed.dim() == 6, "pack the weight with pack_linear_amx");
   const int64_t k = packed.size(1) * BLOCK, n = packed.size(0) * BLOCK;
-  TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " features, the weight ", k);
-  at::Tensor rows = x.reshape({-1, k}).contiguous();
-  const int64_t m = rows.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  at::Tensor out = at::empty({m, n}, x.options());
-  if (m == 0) return out.view(out_shape);
+  spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, bias);
+  const int64_t m = call.m();
+  if (m == 0) return call.result();
+  at::Tensor rows = call.rows;
   if (m % 16) {  // A tiles read 16 rows: pad the last group with zeros
-    at::Tensor padded = at::zeros({(m + 15) / 16 * 16, k}, x.options());
-    padded.narrow(0, 0, m).copy_(rows);
-    rows = padded;
+    rows = at::zeros({(m + 15) / 16 * 16, k}, x.options());
+    rows.narrow(0, 0, m).copy_(call.rows);
   }
-  at::Tensor bias_f32;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "bias has ", bias->numel(), " values, the output ", n);
-    bias_f32 = bias->to(at::kFloat).contiguous();
-  }
-  const float* bias_ptr = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  const float* bias_ptr = call.bias_data();
   const char* a = reinterpret_cast<const char*>(rows.data_ptr<at::BFloat16>());
   const char* b = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
-  uint16_t* y = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  uint16_t* y = reinterpret_cast<uint16_t*>(call.out.data_ptr<at::BFloat16>());
   const int64_t lda = k * 2, k_steps = k / BLOCK;
   at::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
@@ -198,7 +190,7 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
     }
     _tile_release();
   });
-  return out.view(out_shape);
+  return call.result();
 #else
   (void)x;
   (void)packed;

@@ -13,6 +13,7 @@
 // Built where the compiler targets AVX-512F; elsewhere `linear_f32_supported` is false and the
 // callers keep oneDNN (worker/layers/linear.py).
 #include "kernels.h"
+#include "linear_call.h"
 
 #include <ATen/Parallel.h>
 
@@ -101,22 +102,13 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
               "linear_f32 multiplies float32");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == COLS, "pack the weight with pack_linear_f32");
   const int64_t k = packed.size(1), n = packed.size(0) * COLS;
-  TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " features, the weight ", k);
-  const at::Tensor rows = x.reshape({-1, k}).contiguous();
-  const int64_t m = rows.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  at::Tensor out = at::empty({m, n}, x.options());
-  if (m == 0) return out.view(out_shape);
-  at::Tensor bias_f32;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "bias has ", bias->numel(), " values, the output ", n);
-    bias_f32 = bias->to(at::kFloat).contiguous();
-  }
-  const float* bias_ptr = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
-  const float* a = rows.data_ptr<float>();
+  spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, bias);
+  const int64_t m = call.m();
+  if (m == 0) return call.result();
+  const float* bias_ptr = call.bias_data();
+  const float* a = call.rows.data_ptr<float>();
   const float* w = packed.data_ptr<float>();
-  float* y = out.data_ptr<float>();
+  float* y = call.out.data_ptr<float>();
   at::parallel_for(0, n / COLS, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
       const int64_t chunk_end = std::min(m, chunk + M_CHUNK);
@@ -131,7 +123,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
       }
     }
   });
-  return out.view(out_shape);
+  return call.result();
 #else
   (void)x;
   (void)packed;
