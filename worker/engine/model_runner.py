@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from worker.attention import AttentionBackend, select_backend
+from worker.engine import host_memory
 from worker.engine.config import EngineConfig
 from worker.engine.scheduler import SchedulerOutput
 from worker.layers.attention import Attention
@@ -105,9 +106,16 @@ class ModelRunner:
         return blocks
 
     def _allocate_kv_cache(self) -> None:
-        for layer in self.attention_layers:
-            shape = self.backend.kv_cache_shape(self.num_blocks, layer.num_kv_heads, layer.head_dim)
-            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shapes = [
+            self.backend.kv_cache_shape(self.num_blocks, layer.num_kv_heads, layer.head_dim)
+            for layer in self.attention_layers
+        ]
+        if self.device.type == "cpu":  # on huge pages: see worker/engine/host_memory.py
+            caches = host_memory.zeros(shapes, self.dtype)
+        else:
+            caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+        for layer, cache in zip(self.attention_layers, caches, strict=True):
+            layer.kv_cache = cache
 
     # -- one step -----------------------------------------------------------------------------
 
