@@ -31,14 +31,16 @@ def close(fused, reference, tolerance):
     return torch.allclose(fused.float(), reference.float(), atol=tolerance, rtol=tolerance)
 
 
+# Row sizes: whole 16-lane vectors (the demo model's), and one with a scalar tail.
+@pytest.mark.parametrize("size", [576, 100])
 @pytest.mark.parametrize("dtype,tolerance", DTYPES)
-def test_rms_norm_with_and_without_residual(dtype, tolerance, eager, monkeypatch):
+def test_rms_norm_with_and_without_residual(dtype, tolerance, size, eager, monkeypatch):
     assert kernels.native_module() is not None, "the CPU kernels did not build here"
     gen = torch.Generator().manual_seed(0)
-    norm = RMSNorm(576, 1e-5).to(dtype)
-    norm.weight.copy_(torch.rand(576, generator=gen) + 0.5)
-    x = (torch.randn(37, 576, generator=gen) * 3).to(dtype)
-    residual = torch.randn(37, 576, generator=gen).to(dtype)
+    norm = RMSNorm(size, 1e-5).to(dtype)
+    norm.weight.copy_(torch.rand(size, generator=gen) + 0.5)
+    x = (torch.randn(37, size, generator=gen) * 3).to(dtype)
+    residual = torch.randn(37, size, generator=gen).to(dtype)
 
     fused_alone = norm(x.clone())
     fused_x, fused_residual = norm(x.clone(), residual.clone())
@@ -67,10 +69,11 @@ def test_rotary_in_place_equals_eager(dtype, tolerance, eager):
     assert close(fused_q, reference_q, tolerance) and close(fused_k, reference_k, tolerance)
 
 
+@pytest.mark.parametrize("size", [1536, 1000])
 @pytest.mark.parametrize("dtype,tolerance", DTYPES)
-def test_silu_and_mul_equals_eager(dtype, tolerance, eager):
+def test_silu_and_mul_equals_eager(dtype, tolerance, size, eager):
     gen = torch.Generator().manual_seed(2)
-    gate_up = (torch.randn(23, 2 * 1536, generator=gen) * 6).to(dtype)
+    gate_up = (torch.randn(23, 2 * size, generator=gen) * 6).to(dtype)
     gate_up[0, :4] = torch.tensor([-200.0, -90.0, 90.0, 0.0])  # saturated and zero gates
     fused = SiluAndMul()(gate_up)
     eager()

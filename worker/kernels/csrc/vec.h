@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace spindle_vec {
 
@@ -51,18 +52,46 @@ inline vec load(const float* src) {
   std::memcpy(&out, src, sizeof(vec));
   return out;
 }
-inline vec load(const at::BFloat16* src) {
-  u16vec halves;
-  std::memcpy(&halves, src, sizeof(halves));
+inline vec bf16_bits_to_vec(u16vec halves) {
   const uvec bits = __builtin_convertvector(halves, uvec) << 16;
   vec out;
   std::memcpy(&out, &bits, sizeof(vec));
   return out;
 }
+inline vec load(const at::BFloat16* src) {
+  u16vec halves;
+  std::memcpy(&halves, src, sizeof(halves));
+  return bf16_bits_to_vec(halves);
+}
 inline vec load(const at::Half* src) {
   alignas(64) float lanes[LANES];
   for (int64_t l = 0; l < LANES; ++l) lanes[l] = static_cast<float>(src[l]);
   return load(lanes);
+}
+
+// `v` rounded to T's precision (round to nearest even, as torch converts), as floats; and
+// stored as T. bf16 uses AVX512_BF16's `vcvtneps2bf16` where compiled in.
+inline u16vec to_bf16_bits(vec v) {
+#if defined(__AVX512BF16__)
+  const __m256bh packed = _mm512_cvtneps_pbh((__m512)v);
+  u16vec halves;
+  std::memcpy(&halves, &packed, sizeof(halves));
+  return halves;
+#else
+  u16vec halves;
+  for (int64_t l = 0; l < LANES; ++l) halves[l] = at::BFloat16(v[l]).x;
+  return halves;
+#endif
+}
+template <typename T>
+inline vec round_vec(vec v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) return bf16_bits_to_vec(to_bf16_bits(v));
+  return v;
+}
+inline void store(float* dst, vec v) { std::memcpy(dst, &v, sizeof(vec)); }
+inline void store(at::BFloat16* dst, vec v) {
+  const u16vec halves = to_bf16_bits(v);
+  std::memcpy(dst, &halves, sizeof(halves));
 }
 
 // exp(x - shift) for whole vectors: 2^n * p(r) with x - shift = n ln2 + r, |r| <= ln2 / 2, p a
