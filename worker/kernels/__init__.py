@@ -34,6 +34,7 @@ SOURCES = [
         "bindings.cpp",
         "paged_decode.cpp",
         "paged_prefill.cpp",
+        "paged_prefill_amx.cpp",
         "rows.cpp",
         "fused_ops.cpp",
         "linear_amx.cpp",

@@ -17,6 +17,12 @@ void paged_prefill_(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
                     const at::Tensor& v_cache, const at::Tensor& block_tables,
                     const at::Tensor& q_starts, const at::Tensor& q_lens,
                     const at::Tensor& context_lens, double scale);
+// The same on AMX tiles for bf16 (paged_prefill_amx.cpp); false, having done nothing, where this
+// build, CPU, dtype or head_dim does not allow it.
+bool paged_prefill_amx_(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& block_tables,
+                        const at::Tensor& q_starts, const at::Tensor& q_lens,
+                        const at::Tensor& context_lens, double scale);
 
 // A step's K/V rows into their cache slots, and the greedy argmax over float32 logits (rows.cpp).
 void write_kv_cache_(at::Tensor& kv_cache, const at::Tensor& k, const at::Tensor& v,

@@ -12,9 +12,10 @@
 // Larger batches (prefill) loop rows in chunks of M_CHUNK inside each column block so the block's
 // weights stay in cache while every row passes.
 //
-// Built where the compiler targets AMX-BF16 (g++ -march=native on such a CPU); the process asks
-// Linux for the tile state once (arch_prctl). Elsewhere `linear_amx_supported` is false and the
+// Built where the compiler targets AMX-BF16 (g++ -march=native on such a CPU; amx.h); the process
+// asks Linux for the tile state once (arch_prctl). Elsewhere `linear_amx_supported` is false and the
 // callers keep oneDNN (worker/layers/linear.py).
+#include "amx.h"
 #include "kernels.h"
 #include "linear_call.h"
 
@@ -23,13 +24,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define SPINDLE_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 namespace {
 
@@ -40,34 +34,12 @@ constexpr int64_t M_CHUNK = 256;       // rows that pass over a column block whi
 
 #if SPINDLE_AMX
 
-bool amx_permitted() {
-  static const bool permitted = [] {
-    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023;
-    constexpr int XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using spindle_amx::amx_permitted;
+using spindle_amx::configure_tiles;
 
 // tmm0-3: the C tiles of a 32x32 output block (rows 0-15 / 16-31 x columns 0-15 / 16-31),
 // tmm4-5: the two A tiles (16 rows x 32 bf16), tmm6-7: the two B tiles (16 pairs x 16 columns).
-void configure_tiles() {
-  TileConfig config;
-  for (int tile = 0; tile < 8; ++tile) {
-    config.colsb[tile] = 64;
-    config.rows[tile] = 16;
-  }
-  _tile_loadconfig(&config);
-}
-
+//
 // One 32-column block times `row_groups` (1 or 2) groups of 16 rows of x, over all of K.
 template <bool PREFETCH>
 void multiply_block(const char* a, int64_t lda, const char* b, int64_t k_steps, int row_groups) {

@@ -291,6 +291,9 @@ void paged_prefill_(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q_starts.size(0) &&
                   q_lens.size(0) == q_starts.size(0) && context_lens.size(0) == q_starts.size(0),
               "one block table, start, length and context length per chunk");
+  if (paged_prefill_amx_(out, q, k_cache, v_cache, block_tables, q_starts, q_lens, context_lens,
+                         scale))
+    return;  // bf16 on AMX tiles (paged_prefill_amx.cpp)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_prefill", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (q.size(2) == 64)
