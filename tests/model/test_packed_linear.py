@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from worker.engine.config import EngineConfig
 from worker.engine.engine import LLMEngine
+from worker.layers.activation import SiluAndMul
 from worker.layers.embedding import ParallelLMHead
 from worker.layers.linear import (
     ColumnParallelLinear,
+    GateUpParallelLinear,
     PackableLinear,
     RowParallelLinear,
     weight_bytes,
@@ -172,3 +174,39 @@ def test_the_avx512_fp32_product_equals_the_exact_one(rows, with_bias):
     assert got.dtype == torch.float32 and got.shape == (3, rows, 96)
     exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [0, 1, 17, 300])
+def test_the_fused_gate_up_equals_product_then_activation(rows):
+    """GateUpParallelLinear on AMX: SiLU(gate) * up computed per output block equals the bf16
+    product followed by SiluAndMul bit for bit, and its plain product undoes the interleaving."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = GateUpParallelLinear(96, 64).to(torch.bfloat16)
+    layer.weight.copy_(torch.randn(128, 96, generator=gen) * 0.2)
+    plain = layer.weight.detach().clone()
+    x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
+    expected_product = layer(x)  # unpacked: F.linear
+    expected = SiluAndMul()(expected_product) if rows else expected_product[:, :64]
+
+    assert layer.pack() and layer.fused and layer.weight.numel() == 0
+    got = layer.silu_and_mul(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 64)
+    torch.testing.assert_close(got, expected, atol=0.02, rtol=0.02)  # F.linear sums in its order
+    reference = ColumnParallelLinear(96, 128).to(torch.bfloat16)
+    reference.weight.copy_(plain)
+    assert reference.pack() and reference.native is not None
+    unfused = reference(x)  # the same AMX product, unfused
+    assert torch.equal(layer(x), unfused)
+    assert torch.equal(got, SiluAndMul()(unfused) if rows else unfused[:, :64])
+
+
+def test_gate_up_without_a_fusing_kernel_applies_the_activation_after(monkeypatch):
+    monkeypatch.setenv("SPINDLE_NATIVE_LINEAR", "0")  # oneDNN's packing: no fused kernel
+    gen = torch.Generator().manual_seed(3)
+    layer = GateUpParallelLinear(96, 64).to(torch.bfloat16)
+    layer.weight.copy_(torch.randn(128, 96, generator=gen) * 0.2)
+    x = torch.randn(5, 96, generator=gen).to(torch.bfloat16)
+    expected = SiluAndMul()(layer(x))
+    assert layer.pack() and not layer.fused
+    assert torch.equal(layer.silu_and_mul(x), expected)

@@ -4,7 +4,8 @@ over checkpoint names and no rank materialises a full tensor it does not own.
 
 Column-parallel layers split output features (no communication); row-parallel layers split input
 features and all-reduce their output. `QKVParallelLinear` and `MergedColumnParallelLinear` fuse
-several checkpoint tensors (q/k/v, gate/up) into one matmul.
+several checkpoint tensors (q/k/v, gate/up) into one matmul; `GateUpParallelLinear` also owns
+the SiLU-and-multiply that follows gate/up, fused into the product where a kernel allows.
 
 On the CPU, `pack_linear_weights` reorders every weight once, after loading, into oneDNN's blocked
 layout (the prepacking inductor's freezing pass and vLLM's CPU backend do): a plain `F.linear` in
@@ -29,6 +30,7 @@ from torch import nn
 
 from common.settings import env_switch
 from worker.kernels import for_tensor
+from worker.layers.activation import SiluAndMul
 from worker.layers.parallel import SINGLE, ParallelContext
 
 
@@ -74,6 +76,9 @@ class NativeLinear:
         self.name = "amx" if bf16 else "avx512"
         self.pack = native.pack_linear_amx if bf16 else native.pack_linear_f32
         self.product = native.linear_amx if bf16 else native.linear_f32
+        # gate|up with the SiLU-and-multiply applied per output block (GateUpParallelLinear)
+        self.pack_gated = native.pack_linear_amx_gated if bf16 else None
+        self.silu_mul = native.linear_amx_silu_mul if bf16 else None
 
 
 def native_linear(weight: torch.Tensor) -> NativeLinear | None:
@@ -193,6 +198,54 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id])
         start = self.parallel.rank * size
         param.data[offset : offset + size].copy_(loaded[start : start + size])
+
+
+class GateUpParallelLinear(MergedColumnParallelLinear):
+    """The gate|up projection of a SiLU-gated MLP together with its activation:
+    `silu_and_mul(x)` = SiLU(x Gᵀ) * (x Uᵀ). With bf16 weights on an AMX CPU the weight is packed
+    with gate and up column blocks alternating and one kernel (linear_amx_silu_mul) applies the
+    activation to each output block while it is in registers: the [tokens, 2 x intermediate]
+    product is never written, and a decode step makes one kernel call per layer fewer (measured
+    at 32 rows, demo model: 165 -> 134 us per layer). Elsewhere the product, then SiluAndMul."""
+
+    fused: bool = False  # packed for linear_amx_silu_mul
+
+    def __init__(
+        self,
+        in_features: int,
+        intermediate_size: int,
+        bias: bool = False,
+        parallel: ParallelContext = SINGLE,
+    ):
+        super().__init__(in_features, [intermediate_size] * 2, bias, parallel)
+        self.act_fn = SiluAndMul()
+
+    def pack(self, release: bool = True) -> bool:
+        native = native_linear(self.weight) if can_pack(self.weight) else None
+        if native is None or native.pack_gated is None or self.bias is not None:
+            return super().pack(release)
+        if self.weight.shape[0] % 64:  # whole 32-column blocks of gate and of up
+            return super().pack(release)
+        self.native, self.fused = native, True
+        self.packed_weight = native.pack_gated(self.weight.detach())
+        if release:
+            self.weight.data = self.weight.data.new_empty(0)
+        return True
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            assert self.native is not None and self.native.silu_mul is not None
+            return self.native.silu_mul(x, self.packed_weight)
+        return self.act_fn(self(x))
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.fused:
+            return super().matmul(x, bias)
+        # The plain product from the interleaved packing: undo the block order.
+        assert self.native is not None
+        y = self.native.product(x, self.packed_weight, bias)
+        n = y.shape[-1]
+        return y.view(*y.shape[:-1], n // 64, 2, 32).transpose(-3, -2).reshape(y.shape)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

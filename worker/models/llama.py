@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from worker.attention.base import AttentionMetadata
-from worker.layers.activation import SiluAndMul
 from worker.layers.attention import Attention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from worker.layers.linear import GateUpParallelLinear, QKVParallelLinear, RowParallelLinear
 from worker.layers.norm import RMSNorm
 from worker.layers.parallel import SINGLE, ParallelContext
 from worker.layers.rotary import RotaryEmbedding
@@ -62,14 +61,11 @@ class LlamaMLP(nn.Module):
     def __init__(self, config, parallel: ParallelContext, bias: bool = False):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [size, size], bias, parallel
-        )
+        self.gate_up_proj = GateUpParallelLinear(config.hidden_size, size, bias, parallel)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, parallel)
-        self.act_fn = SiluAndMul()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(hidden)))
+        return self.down_proj(self.gate_up_proj.silu_and_mul(hidden))
 
 
 class LlamaDecoderLayer(nn.Module):

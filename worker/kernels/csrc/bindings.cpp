@@ -15,6 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_amx", &pack_linear_amx, "a bf16 [out, in] weight in linear_amx's layout");
   m.def("linear_amx", &linear_amx, "y = x W^T + b on AMX tiles from a packed bf16 weight",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def("pack_linear_amx_gated", &pack_linear_amx_gated,
+        "a bf16 [2 x intermediate, in] gate|up weight, gate and up column blocks alternating");
+  m.def("linear_amx_silu_mul", &linear_amx_silu_mul,
+        "SiLU(x G^T) * (x U^T) on AMX tiles from a weight packed by pack_linear_amx_gated");
   m.def("linear_f32_supported", &linear_f32_supported, "whether linear_f32 takes this weight");
   m.def("pack_linear_f32", &pack_linear_f32, "a float32 [out, in] weight in linear_f32's layout");
   m.def("linear_f32", &linear_f32, "y = x W^T + b with AVX-512 FMAs from a packed fp32 weight",

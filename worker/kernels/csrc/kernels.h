@@ -43,6 +43,10 @@ bool linear_amx_supported(int64_t out_features, int64_t in_features);
 at::Tensor pack_linear_amx(const at::Tensor& weight);
 at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
                       const c10::optional<at::Tensor>& bias);
+// The gate|up projection of a SiLU-gated MLP fused with its activation: the weight packed with
+// gate and up column blocks alternating, and SiLU(x Gᵀ) * (x Uᵀ) from it, [.., intermediate].
+at::Tensor pack_linear_amx_gated(const at::Tensor& weight);
+at::Tensor linear_amx_silu_mul(const at::Tensor& x, const at::Tensor& packed);
 
 // float32 linear layers with AVX-512 FMAs, laid out for streaming the weights (linear_f32.cpp).
 bool linear_f32_supported(int64_t out_features, int64_t in_features);

@@ -18,6 +18,7 @@
 #include "amx.h"
 #include "kernels.h"
 #include "linear_call.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -66,15 +67,20 @@ void multiply_block(const char* a, int64_t lda, const char* b, int64_t k_steps, 
   }
 }
 
-// The C tiles plus bias, rounded to bf16, into rows [0, rows) of the block's output.
-void store_block(uint16_t* out, int64_t ldo, int64_t rows, const float* bias) {
-  alignas(64) float c[32][32];
+// The C tiles of a block (rows [0, rows)) as fp32 rows of 32.
+void tiles_to_floats(float (*c)[32], int64_t rows) {
   _tile_stored(0, &c[0][0], 128);
   _tile_stored(1, &c[0][16], 128);
   if (rows > 16) {
     _tile_stored(2, &c[16][0], 128);
     _tile_stored(3, &c[16][16], 128);
   }
+}
+
+// The C tiles plus bias, rounded to bf16, into rows [0, rows) of the block's output.
+void store_block(uint16_t* out, int64_t ldo, int64_t rows, const float* bias) {
+  alignas(64) float c[32][32];
+  tiles_to_floats(c, rows);
   const __m512 bias_lo = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   const __m512 bias_hi = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
@@ -84,6 +90,33 @@ void store_block(uint16_t* out, int64_t ldo, int64_t rows, const float* bias) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 16),
                         (__m256i)_mm512_cvtneps_pbh(hi));
   }
+}
+
+// SiLU(gate) * up for rows [0, rows) of a 32-column output block, from the fp32 products of the
+// matching gate and up columns, rounded as the unfused layers round: gate and up to bf16 (the
+// linear's output), SiLU(gate) to bf16 (the activation's), the product to bf16.
+void store_gated_block(at::BFloat16* out, int64_t ldo, int64_t rows, const float (*gate)[32],
+                       const float (*up)[32]) {
+  using namespace spindle_vec;
+  const vec one = splat(1.0f), cap = splat(80.0f), zero{};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t half = 0; half < 32; half += 16) {
+      const vec g = round_vec<at::BFloat16>(load(&gate[r][half]));
+      const vec minus_g = -g;
+      const vec e = exp_minus(minus_g < cap ? minus_g : cap, zero);  // capped: -ffast-math
+      const vec activated = round_vec<at::BFloat16>(g / (one + e));
+      store(out + r * ldo + half, activated * round_vec<at::BFloat16>(load(&up[r][half])));
+    }
+}
+
+
+// x's rows, padded with zero rows to a multiple of 16 (A tiles read 16 rows).
+at::Tensor padded_rows(const spindle_linear::LinearCall& call) {
+  const int64_t m = call.m();
+  if (m % 16 == 0) return call.rows;
+  at::Tensor rows = at::zeros({(m + 15) / 16 * 16, call.rows.size(1)}, call.rows.options());
+  rows.narrow(0, 0, m).copy_(call.rows);
+  return rows;
 }
 
 #endif  // SPINDLE_AMX
@@ -132,11 +165,7 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, bias);
   const int64_t m = call.m();
   if (m == 0) return call.result();
-  at::Tensor rows = call.rows;
-  if (m % 16) {  // A tiles read 16 rows: pad the last group with zeros
-    rows = at::zeros({(m + 15) / 16 * 16, k}, x.options());
-    rows.narrow(0, 0, m).copy_(call.rows);
-  }
+  const at::Tensor rows = padded_rows(call);
   const float* bias_ptr = call.bias_data();
   const char* a = reinterpret_cast<const char*>(rows.data_ptr<at::BFloat16>());
   const char* b = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
@@ -167,6 +196,64 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
   (void)x;
   (void)packed;
   (void)bias;
+  TORCH_CHECK(false, "spindle's CPU kernels were built without AMX");
+#endif
+}
+
+at::Tensor pack_linear_amx_gated(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % (2 * BLOCK) == 0,
+              "a [2 x intermediate, in] gate|up weight, intermediate a multiple of 32");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  // gate and up column blocks alternate: block 2j = gate columns [32j, 32j + 32), 2j + 1 = up's
+  return pack_linear_amx(weight.view({2, n / 2 / BLOCK, BLOCK, k}).transpose(0, 1).reshape({n, k}));
+}
+
+at::Tensor linear_amx_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
+#if SPINDLE_AMX
+  TORCH_CHECK(amx_permitted(), "the OS did not grant this process the AMX tile state");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
+              "linear_amx_silu_mul multiplies bf16");
+  TORCH_CHECK(packed.dim() == 6 && packed.size(0) % 2 == 0,
+              "pack the weight with pack_linear_amx_gated");
+  const int64_t k = packed.size(1) * BLOCK, n = packed.size(0) * BLOCK / 2;
+  spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, c10::nullopt);
+  const int64_t m = call.m();
+  if (m == 0) return call.result();
+  const at::Tensor rows = padded_rows(call);
+  const char* a = reinterpret_cast<const char*>(rows.data_ptr<at::BFloat16>());
+  const char* b = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
+  at::BFloat16* y = call.out.data_ptr<at::BFloat16>();
+  const int64_t lda = k * 2, k_steps = k / BLOCK, block_bytes = k_steps * BLOCK_BYTES;
+  at::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) float gate[32][32], up[32][32];
+    for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
+      const int64_t chunk_end = std::min(m, chunk + M_CHUNK);
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const char* gate_block = b + 2 * nb * block_bytes;
+        for (int64_t r0 = chunk; r0 < chunk_end; r0 += 32) {
+          const int64_t live = std::min<int64_t>(32, chunk_end - r0);
+          const int groups = live > 16 ? 2 : 1;
+          if (r0 == chunk) {
+            multiply_block<true>(a + r0 * lda, lda, gate_block, k_steps, groups);
+            tiles_to_floats(gate, live);
+            multiply_block<true>(a + r0 * lda, lda, gate_block + block_bytes, k_steps, groups);
+          } else {
+            multiply_block<false>(a + r0 * lda, lda, gate_block, k_steps, groups);
+            tiles_to_floats(gate, live);
+            multiply_block<false>(a + r0 * lda, lda, gate_block + block_bytes, k_steps, groups);
+          }
+          tiles_to_floats(up, live);
+          store_gated_block(y + r0 * n + nb * BLOCK, n, live, gate, up);
+        }
+      }
+    }
+    _tile_release();
+  });
+  return call.result();
+#else
+  (void)x;
+  (void)packed;
   TORCH_CHECK(false, "spindle's CPU kernels were built without AMX");
 #endif
 }
