@@ -14,6 +14,7 @@
 // are a large negative number, never -inf. The vector type is GCC's generic one, so the code
 // vectorises for AVX-512, AVX2 or SSE.
 #include "kernels.h"
+#include "prefill_items.h"
 #include "vec.h"
 
 #include <torch/extension.h>
@@ -36,10 +37,7 @@ constexpr int64_t KEY_BLOCK = 8;  // keys sharing each loaded query column (regi
 constexpr int64_t DIM_BLOCK = 8;  // value dimensions accumulated in registers at a time
 constexpr float MASKED = -1e30f;  // a masked score: exp() of it minus any real max is 0
 
-struct Item {
-  int64_t chunk, kv_head, first;  // first: the tile's first query position within the chunk
-  int64_t cost;                   // keys it reads: for ordering, longest first
-};
+using spindle_prefill::Item;
 
 // Per-thread buffers. Query rows run along vector lanes ("transposed"): row r of the item is
 // lane r % LANES of vector r / LANES, so the softmax of 16 rows is one vector operation.
@@ -164,16 +162,8 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
   const float fscale = static_cast<float>(scale);
   constexpr bool bf16_dot = BF16_DOT && std::is_same_v<T, at::BFloat16>;
 
-  std::vector<Item> items;
-  for (int64_t c = 0; c < q_starts.size(0); ++c) {
-    const int64_t offset = contexts[c] - lens[c];  // cached tokens before the chunk
-    for (int64_t first = 0; first < lens[c]; first += tile_positions) {
-      const int64_t cost = offset + std::min(first + tile_positions, lens[c]);
-      for (int64_t h = 0; h < kv_heads; ++h) items.push_back({c, h, first, cost});
-    }
-  }
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const std::vector<Item> items =
+      spindle_prefill::make_items(q_starts, q_lens, context_lens, kv_heads, tile_positions);
 
   const auto make_scratch = [block_size] { return Scratch<HEAD_DIM>(block_size); };
   for_each_item(items.size(), make_scratch, [&](Scratch<HEAD_DIM>& s, int64_t index) {

@@ -17,6 +17,7 @@
 // SPINDLE_AMX_ATTENTION=0 keeps the vector kernel, to compare.
 #include "amx.h"
 #include "kernels.h"
+#include "prefill_items.h"
 #include "vec.h"
 
 #include <torch/extension.h>
@@ -47,10 +48,7 @@ bool amx_attention_enabled() {
   return enabled;
 }
 
-struct Item {
-  int64_t chunk, kv_head, first;  // first: the item's first query position within the chunk
-  int64_t cost;                   // keys it reads: for ordering, longest first
-};
+using spindle_prefill::Item;
 
 template <int64_t HEAD_DIM>
 struct Scratch {
@@ -200,16 +198,8 @@ void prefill_amx(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache
   const int64_t* contexts = context_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
 
-  std::vector<Item> items;
-  for (int64_t c = 0; c < q_starts.size(0); ++c) {
-    const int64_t offset = contexts[c] - lens[c];  // cached tokens before the chunk
-    for (int64_t first = 0; first < lens[c]; first += item_positions) {
-      const int64_t cost = offset + std::min(first + item_positions, lens[c]);
-      for (int64_t h = 0; h < kv_heads; ++h) items.push_back({c, h, first, cost});
-    }
-  }
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const std::vector<Item> items =
+      spindle_prefill::make_items(q_starts, q_lens, context_lens, kv_heads, item_positions);
 
   for_each_item(
       items.size(), [] { return Scratch<HEAD_DIM>(); },
