@@ -116,12 +116,16 @@ class PackableLinear(nn.Module):
         weight = self.weight.detach()
         self.native = native_linear(weight)
         if self.native is not None:
-            self.packed_weight = self.native.pack(weight)
+            self._hold_packed(self.native.pack(weight), release)
         else:
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            self._hold_packed(torch.ops.mkldnn._reorder_linear_weight(weight, None), release)
+        return True
+
+    def _hold_packed(self, packed: torch.Tensor, release: bool) -> None:
+        """Multiply from `packed` from now on; with `release` free the plain weight's memory."""
+        self.packed_weight = packed
         if release:
             self.weight.data = self.weight.data.new_empty(0)
-        return True
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.native is not None:
@@ -227,9 +231,7 @@ class GateUpParallelLinear(MergedColumnParallelLinear):
         if self.weight.shape[0] % 64:  # whole 32-column blocks of gate and of up
             return super().pack(release)
         self.native, self.fused = native, True
-        self.packed_weight = native.pack_gated(self.weight.detach())
-        if release:
-            self.weight.data = self.weight.data.new_empty(0)
+        self._hold_packed(native.pack_gated(self.weight.detach()), release)
         return True
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
