@@ -124,17 +124,11 @@ void rotate(T* base, int64_t tokens, int64_t heads, int64_t token_stride, int64_
 template <typename T>
 void silu_mul_row(T* y, const T* gate, const T* up, int64_t size) {
   using namespace spindle_vec;
-  const vec one = splat(1.0f), zero{};
   int64_t i = 0;
-  for (; i + LANES <= size; i += LANES) {
-    const vec g = load(gate + i);
-    // exp(-g), capped at exp(80): -ffast-math assumes no infinities (silu(-80) is 0 anyway)
-    const vec minus_g = -g;
-    const vec e = exp_minus(minus_g < splat(80.0f) ? minus_g : splat(80.0f), zero);
-    const vec activated = round_vec<T>(g / (one + e));
-    store(y + i, activated * load(up + i));
-  }
-  for (; i < size; ++i) {
+  if constexpr (kVectorRows<T>)
+    for (; i + LANES <= size; i += LANES)
+      store(y + i, round_vec<T>(silu(load(gate + i))) * load(up + i));
+  for (; i < size; ++i) {  // the tail, and every element of fp16 / fp64 rows
     const float g = static_cast<float>(gate[i]);
     const float activated = round_to<T>(g / (1.0f + std::exp(std::min(-g, 80.0f))));
     y[i] = static_cast<T>(activated * static_cast<float>(up[i]));
@@ -146,15 +140,7 @@ void silu_mul_rows(T* out, const T* gate_up, int64_t rows, int64_t size) {
   at::parallel_for(0, rows, grain_rows(3 * size), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = gate_up + r * 2 * size;
-      if constexpr (!kVectorRows<T>) {
-        for (int64_t i = 0; i < size; ++i) {
-          const float g = static_cast<float>(gate[i]);
-          const float activated = round_to<T>(g / (1.0f + std::exp(std::min(-g, 80.0f))));
-          out[r * size + i] = static_cast<T>(activated * static_cast<float>(gate[size + i]));
-        }
-      } else {
-        silu_mul_row(out + r * size, gate, gate + size, size);
-      }
+      silu_mul_row(out + r * size, gate, gate + size, size);
     }
   });
 }

@@ -98,17 +98,13 @@ void store_block(uint16_t* out, int64_t ldo, int64_t rows, const float* bias) {
 void store_gated_block(at::BFloat16* out, int64_t ldo, int64_t rows, const float (*gate)[32],
                        const float (*up)[32]) {
   using namespace spindle_vec;
-  const vec one = splat(1.0f), cap = splat(80.0f), zero{};
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t half = 0; half < 32; half += 16) {
-      const vec g = round_vec<at::BFloat16>(load(&gate[r][half]));
-      const vec minus_g = -g;
-      const vec e = exp_minus(minus_g < cap ? minus_g : cap, zero);  // capped: -ffast-math
-      const vec activated = round_vec<at::BFloat16>(g / (one + e));
+      const vec activated =
+          round_vec<at::BFloat16>(silu(round_vec<at::BFloat16>(load(&gate[r][half]))));
       store(out + r * ldo + half, activated * round_vec<at::BFloat16>(load(&up[r][half])));
     }
 }
-
 
 // x's rows, padded with zero rows to a multiple of 16 (A tiles read 16 rows).
 at::Tensor padded_rows(const spindle_linear::LinearCall& call) {

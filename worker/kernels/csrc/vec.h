@@ -115,6 +115,13 @@ inline vec exp_minus(vec x, vec shift) {
   return live ? p * scale : vec{};
 }
 
+// SiLU(g) = g / (1 + exp(-g)) for whole vectors, exp's argument capped at 80: -ffast-math assumes
+// no infinities (SiLU(-80) is 0 anyway). Shared by silu_and_mul and the fused gate|up kernel.
+inline vec silu(vec g) {
+  const vec minus_g = -g, cap = splat(80.0f);
+  return g / (splat(1.0f) + exp_minus(minus_g < cap ? minus_g : cap, vec{}));
+}
+
 // The vector whose lane i is the sum of x[i]'s lanes, by four rounds of pairwise
 // shuffle-and-add (15 pairs in all) instead of 16 separate horizontal sums.
 inline vec transpose_sum(const vec* x) {
