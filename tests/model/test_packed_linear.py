@@ -90,22 +90,38 @@ def test_a_tied_head_packs_a_copy_and_keeps_the_embedding(tmp_path):
     )
 
 
-def amx_native():
+def bf16_kernels_here() -> list[str]:
+    """The bf16 products this build and CPU run: "amx" (AMX tiles), "dpbf16" (AVX512_BF16)."""
     from worker.kernels import native_module
 
     native = native_module()
-    return native if native is not None and native.linear_amx_supported(32, 32) else None
+    if native is None:
+        return []
+    kernels = {"amx": native.linear_amx_supported, "dpbf16": native.linear_dpbf16_supported}
+    return [name for name, supported in kernels.items() if supported(32, 32)]
 
 
-needs_amx = pytest.mark.skipif(
-    amx_native() is None, reason="this CPU (or build) has no AMX-BF16: linear_amx is not built"
+@pytest.fixture(
+    params=[
+        pytest.param(
+            name,
+            marks=pytest.mark.skipif(
+                name not in bf16_kernels_here(), reason=f"this CPU (or build) has no {name} product"
+            ),
+        )
+        for name in ("amx", "dpbf16")
+    ]
 )
+def bf16_kernel(request, monkeypatch) -> str:
+    """Each bf16 kernel this CPU has in turn; an AMX CPU also runs the AVX512_BF16 one."""
+    if request.param == "dpbf16":
+        monkeypatch.setenv("SPINDLE_AMX_LINEAR", "0")
+    return request.param
 
 
-@needs_amx
-@pytest.mark.parametrize("rows", [0, 1, 7, 16, 17, 32, 33, 300])
+@pytest.mark.parametrize("rows", [0, 1, 7, 12, 13, 16, 17, 32, 33, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_the_amx_product_rounds_the_fp32_product_once(rows, with_bias):
+def test_the_bf16_product_rounds_the_fp32_product_once(bf16_kernel, rows, with_bias):
     gen = torch.Generator().manual_seed(rows)
     layer = ColumnParallelLinear(96, 64, bias=with_bias).to(torch.bfloat16)
     layer.weight.copy_(torch.randn(64, 96, generator=gen) * 0.1)
@@ -115,7 +131,8 @@ def test_the_amx_product_rounds_the_fp32_product_once(rows, with_bias):
     x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
 
     assert layer.pack()
-    assert layer.native is not None and layer.native.name == "amx" and layer.weight.numel() == 0
+    assert layer.native is not None and layer.native.name == bf16_kernel
+    assert layer.weight.numel() == 0
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 64)
     exact = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
@@ -124,15 +141,14 @@ def test_the_amx_product_rounds_the_fp32_product_once(rows, with_bias):
     torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-2, rtol=2**-7)
 
 
-@needs_amx
-def test_the_amx_product_takes_any_leading_shape_and_strided_rows():
+def test_the_bf16_product_takes_any_leading_shape_and_strided_rows(bf16_kernel):
     gen = torch.Generator().manual_seed(0)
     layer = RowParallelLinear(64, 32).to(torch.bfloat16)
     layer.weight.copy_(torch.randn(32, 64, generator=gen))
     weight = layer.weight.detach().clone()
     wide = torch.randn(2, 5, 128, generator=gen).to(torch.bfloat16)
     x = wide[..., ::2]  # not contiguous
-    assert layer.pack() and layer.native is not None and layer.native.name == "amx"
+    assert layer.pack() and layer.native is not None and layer.native.name == bf16_kernel
     got = layer(x)
     assert got.shape == (2, 5, 32)
     torch.testing.assert_close(
@@ -140,8 +156,7 @@ def test_the_amx_product_takes_any_leading_shape_and_strided_rows():
     )
 
 
-@needs_amx
-def test_weights_off_the_32_grid_stay_with_onednn():
+def test_weights_off_the_32_grid_stay_with_onednn(bf16_kernel):
     odd = ColumnParallelLinear(96, 80).to(torch.bfloat16)
     assert odd.pack() and odd.native is None and odd.packed_weight is not None
     odd = ColumnParallelLinear(96, 80)
@@ -176,11 +191,10 @@ def test_the_avx512_fp32_product_equals_the_exact_one(rows, with_bias):
     torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
 
 
-@needs_amx
-@pytest.mark.parametrize("rows", [0, 1, 17, 300])
-def test_the_fused_gate_up_equals_product_then_activation(rows):
-    """GateUpParallelLinear on AMX: SiLU(gate) * up computed per output block equals the bf16
-    product followed by SiluAndMul bit for bit, and its plain product undoes the interleaving."""
+@pytest.mark.parametrize("rows", [0, 1, 13, 17, 300])
+def test_the_fused_gate_up_equals_product_then_activation(bf16_kernel, rows):
+    """GateUpParallelLinear with a bf16 kernel: SiLU(gate) * up computed per output block equals
+    the bf16 product followed by SiluAndMul, and its plain product undoes the interleaving."""
     gen = torch.Generator().manual_seed(rows)
     layer = GateUpParallelLinear(96, 64).to(torch.bfloat16)
     layer.weight.copy_(torch.randn(128, 96, generator=gen) * 0.2)
@@ -190,13 +204,14 @@ def test_the_fused_gate_up_equals_product_then_activation(rows):
     expected = SiluAndMul()(expected_product) if rows else expected_product[:, :64]
 
     assert layer.pack() and layer.fused and layer.weight.numel() == 0
+    assert layer.native is not None and layer.native.name == bf16_kernel
     got = layer.silu_and_mul(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 64)
     torch.testing.assert_close(got, expected, atol=0.02, rtol=0.02)  # F.linear sums in its order
     reference = ColumnParallelLinear(96, 128).to(torch.bfloat16)
     reference.weight.copy_(plain)
     assert reference.pack() and reference.native is not None
-    unfused = reference(x)  # the same AMX product, unfused
+    unfused = reference(x)  # the same product, unfused
     assert torch.equal(layer(x), unfused)
     assert torch.equal(got, SiluAndMul()(unfused) if rows else unfused[:, :64])
 

@@ -38,6 +38,7 @@ SOURCES = [
         "rows.cpp",
         "fused_ops.cpp",
         "linear_amx.cpp",
+        "linear_bf16.cpp",
         "linear_f32.cpp",
     )
 ]

@@ -12,10 +12,12 @@ layout (the prepacking inductor's freezing pass and vLLM's CPU backend do): a pl
 bfloat16 or float32 reorders the weight on every call, which at decode batch sizes costs more than
 the product (bench/engine_bench.py measures it). Where spindle's own kernels apply, the weight is
 packed for them instead: bf16 on a CPU with AMX (dims multiples of 32; linear_amx.cpp streams the
-weights at decode batch sizes 2-3x faster than oneDNN and matches it on prompts) and float32 on
-one with AVX-512 (out dim a multiple of 32; linear_f32.cpp, 1.1-2.5x at decode sizes).
+weights at decode batch sizes 2-3x faster than oneDNN and matches it on prompts) or, without AMX,
+with AVX512_BF16 dot products (linear_bf16.cpp, same layout; 1.2-1.7x oneDNN at 32 rows on Zen 5),
+and float32 on one with AVX-512 (out dim a multiple of 32; linear_f32.cpp, 1.1-2.5x at decode sizes).
 `SPINDLE_PACKED_LINEAR=0` keeps plain weights; `SPINDLE_NATIVE_LINEAR=0` (or
-`SPINDLE_CPU_KERNELS=0`) keeps oneDNN's packing, to compare the two.
+`SPINDLE_CPU_KERNELS=0`) keeps oneDNN's packing, to compare the two; `SPINDLE_AMX_LINEAR=0` takes
+the AVX512_BF16 product on an AMX CPU.
 """
 
 from __future__ import annotations
@@ -71,19 +73,23 @@ def can_pack(weight: torch.Tensor) -> bool:
 class NativeLinear:
     """One of spindle's own linear products (worker/kernels): its packing and its product."""
 
-    def __init__(self, native: Any, dtype: torch.dtype) -> None:
-        bf16 = dtype == torch.bfloat16
-        self.name = "amx" if bf16 else "avx512"
-        self.pack = native.pack_linear_amx if bf16 else native.pack_linear_f32
-        self.product = native.linear_amx if bf16 else native.linear_f32
+    def __init__(self, native: Any, name: str) -> None:
+        self.name = name  # "amx" | "dpbf16" (bf16) | "avx512" (float32)
+        if name == "avx512":
+            self.pack, self.product = native.pack_linear_f32, native.linear_f32
+            self.pack_gated = self.silu_mul = None
+            return
+        self.pack = native.pack_linear_bf16  # one layout for both bf16 products
+        self.product = getattr(native, f"linear_{name}")
         # gate|up with the SiLU-and-multiply applied per output block (GateUpParallelLinear)
-        self.pack_gated = native.pack_linear_amx_gated if bf16 else None
-        self.silu_mul = native.linear_amx_silu_mul if bf16 else None
+        self.pack_gated = native.pack_linear_bf16_gated
+        self.silu_mul = getattr(native, f"linear_{name}_silu_mul")
 
 
 def native_linear(weight: torch.Tensor) -> NativeLinear | None:
-    """spindle's kernel for this CPU weight where one takes it (bf16 with AMX, dims multiples of
-    32; float32 with AVX-512, out dim a multiple of 32), else None (oneDNN)."""
+    """spindle's kernel for this CPU weight where one takes it, else None (oneDNN): bf16 on AMX
+    tiles or, without AMX (or with `SPINDLE_AMX_LINEAR=0`), with AVX512_BF16 dot products (dims
+    multiples of 32); float32 with AVX-512 (out dim a multiple of 32)."""
     if weight.dim() != 2 or weight.dtype not in PACKABLE_DTYPES:
         return None
     if not env_switch("SPINDLE_NATIVE_LINEAR"):
@@ -91,12 +97,15 @@ def native_linear(weight: torch.Tensor) -> NativeLinear | None:
     native = for_tensor(weight)
     if native is None:
         return None
-    supported = (
-        native.linear_amx_supported
-        if weight.dtype == torch.bfloat16
-        else native.linear_f32_supported
-    )
-    return NativeLinear(native, weight.dtype) if supported(*weight.shape) else None
+    if weight.dtype == torch.float32:
+        return (
+            NativeLinear(native, "avx512") if native.linear_f32_supported(*weight.shape) else None
+        )
+    if env_switch("SPINDLE_AMX_LINEAR") and native.linear_amx_supported(*weight.shape):
+        return NativeLinear(native, "amx")
+    if native.linear_dpbf16_supported(*weight.shape):
+        return NativeLinear(native, "dpbf16")
+    return None
 
 
 class PackableLinear(nn.Module):
@@ -206,8 +215,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class GateUpParallelLinear(MergedColumnParallelLinear):
     """The gate|up projection of a SiLU-gated MLP together with its activation:
-    `silu_and_mul(x)` = SiLU(x Gᵀ) * (x Uᵀ). With bf16 weights on an AMX CPU the weight is packed
-    with gate and up column blocks alternating and one kernel (linear_amx_silu_mul) applies the
+    `silu_and_mul(x)` = SiLU(x Gᵀ) * (x Uᵀ). With bf16 weights and a native kernel the weight is
+    packed with gate and up column blocks alternating and one kernel (`_silu_mul`) applies the
     activation to each output block while it is in registers: the [tokens, 2 x intermediate]
     product is never written, and a decode step makes one kernel call per layer fewer (measured
     at 32 rows, demo model: 165 -> 134 us per layer). Elsewhere the product, then SiluAndMul."""

@@ -1,0 +1,40 @@
+// What the two bf16 linear kernels (linear_amx.cpp on AMX tiles, linear_bf16.cpp with
+// AVX512_BF16 dot products) share: the packed weight's 32x32 blocks (linear_bf16.cpp describes
+// the layout) and the epilogues that turn a block's fp32 sums into bf16 outputs.
+#pragma once
+
+#include "vec.h"
+
+#include <cstdint>
+
+namespace spindle_bf16 {
+
+constexpr int64_t BLOCK = 32;          // output columns and K elements per packed block
+constexpr int64_t BLOCK_BYTES = 2048;  // 32 x 32 bf16
+
+// Rows [0, rows) of a block's fp32 sums `c` plus the bias (if any), rounded to bf16 once.
+inline void store_block(at::BFloat16* out, int64_t ldo, int64_t rows, const float (*c)[BLOCK],
+                        const float* bias) {
+  using namespace spindle_vec;
+  const vec bias_lo = bias ? load(bias) : vec{}, bias_hi = bias ? load(bias + LANES) : vec{};
+  for (int64_t r = 0; r < rows; ++r) {
+    store(out + r * ldo, load(&c[r][0]) + bias_lo);
+    store(out + r * ldo + LANES, load(&c[r][LANES]) + bias_hi);
+  }
+}
+
+// SiLU(gate) * up for rows [0, rows) of a 32-column output block, from the fp32 sums of the
+// matching gate and up columns, rounded as the unfused layers round: gate and up to bf16 (the
+// linear's output), SiLU(gate) to bf16 (the activation's), the product to bf16.
+inline void store_gated_block(at::BFloat16* out, int64_t ldo, int64_t rows,
+                              const float (*gate)[BLOCK], const float (*up)[BLOCK]) {
+  using namespace spindle_vec;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t half = 0; half < BLOCK; half += LANES) {
+      const vec activated =
+          round_vec<at::BFloat16>(silu(round_vec<at::BFloat16>(load(&gate[r][half]))));
+      store(out + r * ldo + half, activated * round_vec<at::BFloat16>(load(&up[r][half])));
+    }
+}
+
+}  // namespace spindle_bf16
