@@ -225,3 +225,25 @@ def test_gate_up_without_a_fusing_kernel_applies_the_activation_after(monkeypatc
     expected = SiluAndMul()(layer(x))
     assert layer.pack() and not layer.fused
     assert torch.equal(layer.silu_and_mul(x), expected)
+
+
+@pytest.mark.skipif(f32_native() is None, reason="no AVX-512 here: linear_f32 is not built")
+@pytest.mark.parametrize("rows", [0, 1, 11, 12, 13, 300])
+def test_the_fused_fp32_gate_up_equals_product_then_activation(rows):
+    """In float32 the fused kernel's SiLU(gate) * up is bit for bit the AVX-512 product followed by
+    SiluAndMul (same sums, same SiLU), and its plain product undoes the interleaving."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = GateUpParallelLinear(96, 64)
+    layer.weight.copy_(torch.randn(128, 96, generator=gen) * 0.2)
+    reference = ColumnParallelLinear(96, 128)
+    reference.weight.copy_(layer.weight.detach())
+    x = torch.randn(rows, 96, generator=gen)
+
+    assert reference.pack() and reference.native is not None
+    assert layer.pack() and layer.fused and layer.weight.numel() == 0
+    assert layer.native is not None and layer.native.name == "avx512"
+    unfused = reference(x)
+    got = layer.silu_and_mul(x)
+    assert got.shape == (rows, 64)
+    assert torch.equal(got, SiluAndMul()(unfused) if rows else unfused[:, :64])
+    assert torch.equal(layer(x), unfused)

@@ -75,15 +75,13 @@ class NativeLinear:
 
     def __init__(self, native: Any, name: str) -> None:
         self.name = name  # "amx" | "dpbf16" (bf16) | "avx512" (float32)
-        if name == "avx512":
-            self.pack, self.product = native.pack_linear_f32, native.linear_f32
-            self.pack_gated = self.silu_mul = None
-            return
-        self.pack = native.pack_linear_bf16  # one layout for both bf16 products
-        self.product = getattr(native, f"linear_{name}")
+        product = "f32" if name == "avx512" else name
+        layout = "f32" if name == "avx512" else "bf16"  # both bf16 products read one layout
+        self.pack = getattr(native, f"pack_linear_{layout}")
+        self.product = getattr(native, f"linear_{product}")
         # gate|up with the SiLU-and-multiply applied per output block (GateUpParallelLinear)
-        self.pack_gated = native.pack_linear_bf16_gated
-        self.silu_mul = getattr(native, f"linear_{name}_silu_mul")
+        self.pack_gated = getattr(native, f"pack_linear_{layout}_gated")
+        self.silu_mul = getattr(native, f"linear_{product}_silu_mul")
 
 
 def native_linear(weight: torch.Tensor) -> NativeLinear | None:
@@ -215,13 +213,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class GateUpParallelLinear(MergedColumnParallelLinear):
     """The gate|up projection of a SiLU-gated MLP together with its activation:
-    `silu_and_mul(x)` = SiLU(x Gᵀ) * (x Uᵀ). With bf16 weights and a native kernel the weight is
-    packed with gate and up column blocks alternating and one kernel (`_silu_mul`) applies the
+    `silu_and_mul(x)` = SiLU(x Gᵀ) * (x Uᵀ). Where a native kernel takes the weight (bf16 or fp32)
+    it is packed with gate and up column blocks alternating and one kernel (`_silu_mul`) applies the
     activation to each output block while it is in registers: the [tokens, 2 x intermediate]
     product is never written, and a decode step makes one kernel call per layer fewer (measured
     at 32 rows, demo model: 165 -> 134 us per layer). Elsewhere the product, then SiluAndMul."""
 
-    fused: bool = False  # packed for linear_amx_silu_mul
+    fused: bool = False  # packed for the native kernel's `_silu_mul`
 
     def __init__(
         self,
@@ -235,7 +233,7 @@ class GateUpParallelLinear(MergedColumnParallelLinear):
 
     def pack(self, release: bool = True) -> bool:
         native = native_linear(self.weight) if can_pack(self.weight) else None
-        if native is None or native.pack_gated is None or self.bias is not None:
+        if native is None or self.bias is not None:
             return super().pack(release)
         if self.weight.shape[0] % 64:  # whole 32-column blocks of gate and of up
             return super().pack(release)
@@ -245,7 +243,7 @@ class GateUpParallelLinear(MergedColumnParallelLinear):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            assert self.native is not None and self.native.silu_mul is not None
+            assert self.native is not None
             return self.native.silu_mul(x, self.packed_weight)
         return self.act_fn(self(x))
 

@@ -31,5 +31,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_f32", &pack_linear_f32, "a float32 [out, in] weight in linear_f32's layout");
   m.def("linear_f32", &linear_f32, "y = x W^T + b with AVX-512 FMAs from a packed fp32 weight",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def("pack_linear_f32_gated", &pack_linear_f32_gated,
+        "a float32 [2 x intermediate, in] gate|up weight, gate and up column blocks alternating");
+  m.def("linear_f32_silu_mul", &linear_f32_silu_mul,
+        "SiLU(x G^T) * (x U^T) with AVX-512 FMAs from a weight packed by pack_linear_f32_gated");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up over a fused gate|up tensor");
 }

@@ -58,3 +58,6 @@ bool linear_f32_supported(int64_t out_features, int64_t in_features);
 at::Tensor pack_linear_f32(const at::Tensor& weight);
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
                       const c10::optional<at::Tensor>& bias);
+// Its gate|up projection fused with SiLU-and-multiply, as for bf16 above.
+at::Tensor pack_linear_f32_gated(const at::Tensor& weight);
+at::Tensor linear_f32_silu_mul(const at::Tensor& x, const at::Tensor& packed);

@@ -24,17 +24,10 @@ inline void store_block(at::BFloat16* out, int64_t ldo, int64_t rows, const floa
 }
 
 // SiLU(gate) * up for rows [0, rows) of a 32-column output block, from the fp32 sums of the
-// matching gate and up columns, rounded as the unfused layers round: gate and up to bf16 (the
-// linear's output), SiLU(gate) to bf16 (the activation's), the product to bf16.
+// matching gate and up columns (spindle_vec::store_silu_mul rounds as the unfused layers do).
 inline void store_gated_block(at::BFloat16* out, int64_t ldo, int64_t rows,
                               const float (*gate)[BLOCK], const float (*up)[BLOCK]) {
-  using namespace spindle_vec;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t half = 0; half < BLOCK; half += LANES) {
-      const vec activated =
-          round_vec<at::BFloat16>(silu(round_vec<at::BFloat16>(load(&gate[r][half]))));
-      store(out + r * ldo + half, activated * round_vec<at::BFloat16>(load(&up[r][half])));
-    }
+  spindle_vec::store_silu_mul(out, ldo, rows, &gate[0][0], &up[0][0], BLOCK, BLOCK);
 }
 
 }  // namespace spindle_bf16

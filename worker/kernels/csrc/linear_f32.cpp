@@ -8,12 +8,15 @@
 // block prefetches the NEXT block into L2 row by row, so a batch of more than ROWS rows (several
 // passes) overlaps the next block's DRAM read with this block's arithmetic, and a single pass
 // streams one block ahead. Larger batches loop rows in chunks of M_CHUNK inside each column
-// block. Sums are fp32 FMAs over K in order, as a plain dot product would add them.
+// block. Sums are fp32 FMAs over K in order, as a plain dot product would add them. The gated
+// variant (linear_f32_silu_mul) multiplies gate and up column blocks packed in alternation and
+// writes SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
 //
 // Built where the compiler targets AVX-512F; elsewhere `linear_f32_supported` is false and the
 // callers keep oneDNN (worker/layers/linear.py).
 #include "kernels.h"
 #include "linear_call.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -128,6 +131,55 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
   (void)x;
   (void)packed;
   (void)bias;
+  TORCH_CHECK(false, "spindle's CPU kernels were built without AVX-512");
+#endif
+}
+
+at::Tensor pack_linear_f32_gated(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % (2 * COLS) == 0,
+              "a [2 x intermediate, in] gate|up weight, intermediate a multiple of 32");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  // gate and up column blocks alternate: block 2j = gate columns [32j, 32j + 32), 2j + 1 = up's
+  return pack_linear_f32(weight.view({2, n / 2 / COLS, COLS, k}).transpose(0, 1).reshape({n, k}));
+}
+
+at::Tensor linear_f32_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
+#if SPINDLE_F32_LINEAR
+  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
+              "linear_f32_silu_mul multiplies float32");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == COLS && packed.size(0) % 2 == 0,
+              "pack the weight with pack_linear_f32_gated");
+  const int64_t k = packed.size(1), n = packed.size(0) * COLS / 2, block = k * COLS;
+  spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, c10::nullopt);
+  const int64_t m = call.m();
+  if (m == 0) return call.result();
+  const float* a = call.rows.data_ptr<float>();
+  const float* w = packed.data_ptr<float>();
+  float* y = call.out.data_ptr<float>();
+  at::parallel_for(0, n / COLS, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float gate[ROWS][COLS], up[ROWS][COLS];
+    for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
+      const int64_t chunk_end = std::min(m, chunk + M_CHUNK);
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const float* gate_block = w + 2 * nb * block;
+        const float* up_block = gate_block + block;
+        const bool more = nb + 1 < end;  // prefetch the next pair's gate, then its up
+        for (int64_t r0 = chunk; r0 < chunk_end; r0 += ROWS) {
+          const int64_t live = std::min<int64_t>(ROWS, chunk_end - r0);
+          TILES[live - 1](a + r0 * k, k, gate_block, more ? up_block + block : nullptr, k,
+                          &gate[0][0], COLS, nullptr);
+          TILES[live - 1](a + r0 * k, k, up_block, more ? up_block + 2 * block : nullptr, k,
+                          &up[0][0], COLS, nullptr);
+          spindle_vec::store_silu_mul(y + r0 * n + nb * COLS, n, live, &gate[0][0], &up[0][0],
+                                      COLS, COLS);
+        }
+      }
+    }
+  });
+  return call.result();
+#else
+  (void)x;
+  (void)packed;
   TORCH_CHECK(false, "spindle's CPU kernels were built without AVX-512");
 #endif
 }

@@ -122,6 +122,20 @@ inline vec silu(vec g) {
   return g / (splat(1.0f) + exp_minus(minus_g < cap ? minus_g : cap, vec{}));
 }
 
+// SiLU(gate) * up for `rows` rows of `width` (a multiple of LANES) fp32 sums each, `ld` apart,
+// into T rows `ldo` apart: the gated MLP's epilogue in the fused gate|up kernels. Rounded as the
+// unfused layers round: gate and up to T (the linear's output), SiLU(gate) to T (the
+// activation's), the product to T; in float32 that is plain SiLU(gate) * up.
+template <typename T>
+inline void store_silu_mul(T* out, int64_t ldo, int64_t rows, const float* gate, const float* up,
+                           int64_t ld, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < width; i += LANES) {
+      const vec activated = round_vec<T>(silu(round_vec<T>(load(gate + r * ld + i))));
+      store(out + r * ldo + i, activated * round_vec<T>(load(up + r * ld + i)));
+    }
+}
+
 // The vector whose lane i is the sum of x[i]'s lanes, by four rounds of pairwise
 // shuffle-and-add (15 pairs in all) instead of 16 separate horizontal sums.
 inline vec transpose_sum(const vec* x) {
