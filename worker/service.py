@@ -157,9 +157,12 @@ class WorkerService:
     def _gather_burst(self, capacity: int) -> list[Delivery]:
         """The jobs that follow the first one after an idle spell, while they keep arriving
         within `burst_window_ms` of each other (for at most BURST_WINDOWS windows). A burst of
-        clients then starts in one batch: without this the first job's prefill runs alone and
-        everyone else waits for it (mixed-32 through the gateway: 31 of 32 requests queued
-        0.36 s behind a one-request step). A lone request pays one window of TTFT.
+        clients then starts in one batch instead of behind the first job's prefill step. Off by
+        default: the burst's prefill work is the same either way, and on the 2-core EPYC the
+        window cost a lone request far more than its length (a process that sleeps 2 ms wakes
+        late; `single` TTFT end to end 45-58 ms with a 2 ms window, 41-45 ms without, in-process
+        40 ms) while mixed-32 lost nothing without it (TTFT p99 2.49-2.56 s against 2.52-2.63 s,
+        tok/s within noise; alternating runs).
 
         The worker sleeps out each window itself and then reads without blocking: a server-side
         `XREADGROUP BLOCK 4` that finds nothing returns only at Redis' next timer tick (`hz` 10:

@@ -32,7 +32,7 @@ class WorkerSettings:
     num_threads: int | None = setting(None, "CPU threads for torch")
     num_shard: int = setting(1, "tensor-parallel ranks (processes) in this worker group")
     burst_window_ms: float = setting(
-        2.0, "after an idle spell, keep pulling while jobs arrive this close together (0 = off)"
+        0.0, "after an idle spell, keep pulling while jobs arrive this close together (0 = off)"
     )
     heartbeat_ttl: float = setting(10.0, "seconds after its last heartbeat a worker counts as dead")
     max_deliveries: int = setting(3, "deliveries of one job before it goes to the dead letters")
