@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from bench.load import best_run, clocked_summary, run_workload, summarise
+from bench.load import best_run, clocked_summary, median_ttft_p50_ms, run_workload, summarise
 from bench.report import write_report
 from bench.workloads import BenchRequest, Workload, load_workload
 from common.launcher import free_port
@@ -105,11 +105,18 @@ def run_in_process(
     run_spindle(llm, WARMUP, "warmup")  # untimed: first calls allocate and pick kernels
     results = {}
     for workload in workloads:
-        runs = [in_process_once(llm, workload, f"{workload.name}-{i}") for i in range(args.repeat)]
+        count = repeats_of(args, workload)
+        runs = [in_process_once(llm, workload, f"{workload.name}-{i}") for i in range(count)]
         results[workload.name] = best_run(runs)
     del llm
     gc.collect()
     return results
+
+
+def repeats_of(args: argparse.Namespace, workload: Workload) -> int:
+    """How many times to run `workload`: `args.repeat`, unless `args.workload_repeats` (name ->
+    count, set by bench.bar for its one-request TTFT workload) says otherwise."""
+    return (getattr(args, "workload_repeats", None) or {}).get(workload.name, args.repeat)
 
 
 def in_process_once(llm: Any, workload: Workload, tag: str) -> dict[str, Any]:
@@ -232,12 +239,18 @@ class Server(Protocol):
     def cpu_by_role(self) -> dict[str, float]: ...
 
 
-def run_served(server: Server, workloads: list[Workload], repeat: int) -> dict[str, dict[str, Any]]:
-    """One untimed warm-up request, then each workload `repeat` times; the fastest repeat per
-    workload (the server is the same throughout, so run it without prefix caching)."""
+def run_served(
+    server: Server, workloads: list[Workload], repeat: int, repeats: dict[str, int] | None = None
+) -> dict[str, dict[str, Any]]:
+    """One untimed warm-up request, then each workload `repeat` times (`repeats[name]` where
+    given); the fastest repeat per workload (the server is the same throughout, so run it
+    without prefix caching)."""
     asyncio.run(run_workload(server.url, server.model, WARMUP))
+    counts = repeats or {}
     return {
-        workload.name: best_run([served_once(server, workload) for _ in range(repeat)])
+        workload.name: best_run(
+            [served_once(server, workload) for _ in range(counts.get(workload.name, repeat))]
+        )
         for workload in workloads
     }
 
@@ -264,14 +277,14 @@ def run_service(
     """`spindle serve` with the in-process engine's options, each workload `args.repeat` times."""
     options = engine_options(args)
     with Serve(model_dir, options, args.threads, log_dir / "serve.log") as serve:
-        return run_served(serve, workloads, args.repeat)
+        return run_served(serve, workloads, args.repeat, getattr(args, "workload_repeats", None))
 
 
 def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
     if not service.get("completed"):
         return {"throughput_ratio": None, "ttft_p50_cost_ms": None}
     ratio = service["output_tokens_per_s"] / in_process["output_tokens_per_s"]
-    ttft_cost = service["ttft"]["p50_ms"] - in_process["ttft"]["p50_ms"]
+    ttft_cost = median_ttft_p50_ms(service) - median_ttft_p50_ms(in_process)
     return {
         "throughput_ratio": round(ratio, 4),
         "throughput_cost_pct": round(100 * (1 - ratio), 2),

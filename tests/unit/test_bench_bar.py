@@ -67,6 +67,17 @@ def test_every_bar_passes_and_ratios_are_computed() -> None:
     assert lines["service TTFT p50 cost"].passed is True
 
 
+def test_the_ttft_cost_compares_medians_over_the_repeats() -> None:
+    """`single` runs several times; one slow repeat on either side does not decide the cost."""
+    in_process = {**summary(20.0, 38.0), "repeat_ttft_p50_ms": [40.0, 38.0, 39.0, 41.0, 40.5]}
+    e2e = {**summary(19.5, 55.0), "repeat_ttft_p50_ms": [43.0, 55.0, 44.0, 42.5, 44.5]}
+    lines = by_bar(
+        verdict(runs(in_process=dict(single=in_process), e2e=dict(single=e2e)), "mixed", "single")
+    )
+    assert lines["service TTFT p50 cost"].value == pytest.approx(44.0 - 40.0)
+    assert lines["service TTFT p50 cost"].passed is True
+
+
 def test_each_bar_fails_on_its_own_threshold() -> None:
     lines = by_bar(
         verdict(

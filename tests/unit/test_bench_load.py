@@ -19,6 +19,7 @@ from bench.load import (
     distribution,
     inter_token_latencies,
     markdown_table,
+    median_ttft_p50_ms,
     percentile,
     record_chunk,
     send_one,
@@ -145,6 +146,22 @@ def test_best_run_keeps_the_fastest_clean_repeat_and_every_rate() -> None:
     assert best_run([broken])["output_tokens_per_s"] == 400.0  # all failed: still reported
     with pytest.raises(ValueError, match="at least one"):
         best_run([])
+
+
+def test_the_ttft_of_a_run_is_the_median_over_its_repeats() -> None:
+    def repeat(rate: float, ttft_ms: float) -> dict:
+        return {
+            "completed": 1,
+            "failed": 0,
+            "output_tokens_per_s": rate,
+            "ttft": {"p50_ms": ttft_ms},
+        }
+
+    best = best_run([repeat(100.0, 41.0), repeat(120.0, 58.0), repeat(90.0, 43.0)])
+    assert best["ttft"]["p50_ms"] == 58.0  # the fastest repeat's own
+    assert best["repeat_ttft_p50_ms"] == [41.0, 58.0, 43.0]
+    assert median_ttft_p50_ms(best) == 43.0
+    assert median_ttft_p50_ms({"ttft": {"p50_ms": 50.0}}) == 50.0  # no repeats kept: its own
 
 
 # -- the client, against a scripted HTTP server ------------------------------------------------
