@@ -86,8 +86,9 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 
 const std::array<TileFn, ROWS> TILES = tile_table(std::make_integer_sequence<int, ROWS>{});  // [rows - 1]
 
-// Calls emit(r0, live, column_block) for every register tile of x's rows [0, m), column block by
-// column block over this thread's range, after multiply(r0, live, block, next) filled it.
+// Calls tile(nb, r0, live, prefetch) for every register tile (rows [r0, r0 + live)) of x's rows
+// [0, m) times this thread's column blocks [begin, end), a row chunk at a time; `prefetch` is set
+// on a block's first pass when the thread's next block follows it.
 template <typename Tile>
 void for_each_tile(int64_t m, int64_t begin, int64_t end, Tile tile) {
   for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
