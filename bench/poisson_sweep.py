@@ -120,7 +120,8 @@ def plot_latency(results: dict[str, list[dict[str, Any]]], path: Path) -> list[s
     figure = Figure(figsize=(12, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     seconds_axes, ms_axes = figure.subplots(1, 2)
-    labels, rates = [], set()
+    labels: list[str] = []
+    rates: set[float] = set()
     for colour, (system, points) in enumerate(results.items()):
         done = sorted((p for p in points if p.get("completed")), key=lambda p: p["rate_per_s"])
         rates.update(p["rate_per_s"] for p in done)

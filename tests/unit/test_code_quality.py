@@ -1,5 +1,5 @@
-"""ruff (lint and format) over the project and mypy over common/ and worker/ (STYLE.md rule 10):
-run as tests so the one CI command enforces them."""
+"""ruff (lint and format) over the project and mypy over common/, worker/, gateway/ and bench/
+(STYLE.md rule 10): run as tests so the one CI command enforces them."""
 
 from __future__ import annotations
 
@@ -25,6 +25,6 @@ def test_ruff_format_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_is_clean_on_common_and_worker():
-    result = run("mypy", "common", "worker")
+def test_mypy_is_clean_on_every_package():
+    result = run("mypy", "common", "worker", "gateway", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
