@@ -106,9 +106,7 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
                       const c10::optional<at::Tensor>& bias) {
 #if SPINDLE_AMX
   TORCH_CHECK(amx_permitted(), "the OS did not grant this process the AMX tile state");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
-              "linear_amx multiplies bf16");
-  TORCH_CHECK(packed.dim() == 6, "pack the weight with pack_linear_bf16");
+  spindle_bf16::check_packed(x, packed, "linear_amx", false);
   const int64_t k = packed.size(1) * BLOCK, n = packed.size(0) * BLOCK;
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, bias);
   const int64_t m = call.m();
@@ -153,10 +151,7 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor linear_amx_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
 #if SPINDLE_AMX
   TORCH_CHECK(amx_permitted(), "the OS did not grant this process the AMX tile state");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
-              "linear_amx_silu_mul multiplies bf16");
-  TORCH_CHECK(packed.dim() == 6 && packed.size(0) % 2 == 0,
-              "pack the weight with pack_linear_bf16_gated");
+  spindle_bf16::check_packed(x, packed, "linear_amx_silu_mul", true);
   const int64_t k = packed.size(1) * BLOCK, n = packed.size(0) * BLOCK / 2;
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, c10::nullopt);
   const int64_t m = call.m();

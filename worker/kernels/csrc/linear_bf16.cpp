@@ -101,12 +101,6 @@ void for_each_tile(int64_t m, int64_t begin, int64_t end, Tile tile) {
 
 #endif  // SPINDLE_DPBF16
 
-void check_packed(const at::Tensor& x, const at::Tensor& packed, const char* what) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, what,
-              " multiplies bf16");
-  TORCH_CHECK(packed.dim() == 6, "pack the weight with pack_linear_bf16");
-}
-
 }  // namespace
 
 at::Tensor pack_linear_bf16(const at::Tensor& weight) {
@@ -121,11 +115,7 @@ at::Tensor pack_linear_bf16(const at::Tensor& weight) {
 }
 
 at::Tensor pack_linear_bf16_gated(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % (2 * BLOCK) == 0,
-              "a [2 x intermediate, in] gate|up weight, intermediate a multiple of 32");
-  const int64_t n = weight.size(0), k = weight.size(1);
-  // gate and up column blocks alternate: block 2j = gate columns [32j, 32j + 32), 2j + 1 = up's
-  return pack_linear_bf16(weight.view({2, n / 2 / BLOCK, BLOCK, k}).transpose(0, 1).reshape({n, k}));
+  return pack_linear_bf16(spindle_linear::interleave_gate_up(weight, BLOCK));
 }
 
 bool linear_dpbf16_supported(int64_t out_features, int64_t in_features) {
@@ -141,7 +131,7 @@ bool linear_dpbf16_supported(int64_t out_features, int64_t in_features) {
 at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& packed,
                          const c10::optional<at::Tensor>& bias) {
 #if SPINDLE_DPBF16
-  check_packed(x, packed, "linear_dpbf16");
+  spindle_bf16::check_packed(x, packed, "linear_dpbf16", false);
   const int64_t k = packed.size(1) * BLOCK, n = packed.size(0) * BLOCK;
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, bias);
   const int64_t m = call.m();
@@ -171,8 +161,7 @@ at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& packed,
 
 at::Tensor linear_dpbf16_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
 #if SPINDLE_DPBF16
-  check_packed(x, packed, "linear_dpbf16_silu_mul");
-  TORCH_CHECK(packed.size(0) % 2 == 0, "pack the weight with pack_linear_bf16_gated");
+  spindle_bf16::check_packed(x, packed, "linear_dpbf16_silu_mul", true);
   const int64_t k = packed.size(1) * BLOCK, n = packed.size(0) * BLOCK / 2;
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, c10::nullopt);
   const int64_t m = call.m();

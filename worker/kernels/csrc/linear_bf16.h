@@ -12,6 +12,16 @@ namespace spindle_bf16 {
 constexpr int64_t BLOCK = 32;          // output columns and K elements per packed block
 constexpr int64_t BLOCK_BYTES = 2048;  // 32 x 32 bf16
 
+// That `x` and `packed` are what the bf16 product `what` multiplies: bf16, the weight packed by
+// pack_linear_bf16 (or, `gated`, pack_linear_bf16_gated).
+inline void check_packed(const at::Tensor& x, const at::Tensor& packed, const char* what,
+                         bool gated) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, what,
+              " multiplies bf16");
+  TORCH_CHECK(packed.dim() == 6 && (!gated || packed.size(0) % 2 == 0), "pack the weight with ",
+              gated ? "pack_linear_bf16_gated" : "pack_linear_bf16");
+}
+
 // Rows [0, rows) of a block's fp32 sums `c` plus the bias (if any), rounded to bf16 once.
 inline void store_block(at::BFloat16* out, int64_t ldo, int64_t rows, const float (*c)[BLOCK],
                         const float* bias) {

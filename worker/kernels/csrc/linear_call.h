@@ -1,6 +1,7 @@
-// What both linear kernels (linear_amx.cpp, linear_f32.cpp) do around their product: x's leading
-// dims flattened into a contiguous [m, k] matrix, the [m, n] output and the shape it is returned
-// in, and the bias (if any) as fp32 for the epilogue.
+// What the linear kernels (linear_amx.cpp, linear_bf16.cpp, linear_f32.cpp) do around their
+// product: x's leading dims flattened into a contiguous [m, k] matrix, the [m, n] output and the
+// shape it is returned in, the bias (if any) as fp32 for the epilogue, and the gate|up weight's
+// column blocks interleaved for the fused SiLU-and-multiply kernels.
 #pragma once
 
 #include <torch/extension.h>
@@ -33,6 +34,15 @@ inline LinearCall prepare(const at::Tensor& x, int64_t k, int64_t n,
     call.bias = bias->to(at::kFloat).contiguous();
   }
   return call;
+}
+
+// A [2 x intermediate, in] gate|up weight with its `block`-column blocks alternating: block 2j =
+// gate columns [block j, block j + block), 2j + 1 = up's (GateUpParallelLinear.matmul undoes it).
+inline at::Tensor interleave_gate_up(const at::Tensor& weight, int64_t block) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % (2 * block) == 0,
+              "a [2 x intermediate, in] gate|up weight, intermediate a multiple of ", block);
+  const int64_t n = weight.size(0), k = weight.size(1);
+  return weight.view({2, n / 2 / block, block, k}).transpose(0, 1).reshape({n, k});
 }
 
 }  // namespace spindle_linear

@@ -136,11 +136,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
 }
 
 at::Tensor pack_linear_f32_gated(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % (2 * COLS) == 0,
-              "a [2 x intermediate, in] gate|up weight, intermediate a multiple of 32");
-  const int64_t n = weight.size(0), k = weight.size(1);
-  // gate and up column blocks alternate: block 2j = gate columns [32j, 32j + 32), 2j + 1 = up's
-  return pack_linear_f32(weight.view({2, n / 2 / COLS, COLS, k}).transpose(0, 1).reshape({n, k}));
+  return pack_linear_f32(spindle_linear::interleave_gate_up(weight, COLS));
 }
 
 at::Tensor linear_f32_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
