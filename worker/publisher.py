@@ -4,7 +4,9 @@ next step starts without waiting on the round trip (the pipelined PUBLISH/RPUSH/
 
 One thread sends everything, in the order it was submitted, so a request's events keep their
 order and its terminal event precedes its XACK. What each publish reports (the listener count per
-request) is picked up by the service a step later, which its abandoned-request check allows for.
+request) is picked up by the service a step later, which its abandoned-request check allows for;
+so are the jobs a publish pulled for a busy worker (`pull`): the engine's thread then never waits
+on Redis while it has work.
 A failed publish (Redis gone) is raised in the service's thread at its next call, as it was when
 the service published itself: the worker stops and its jobs are claimed by another.
 """
@@ -15,9 +17,9 @@ import queue
 import threading
 
 from common.protocol import Event
-from worker.job_queue import JobQueue
+from worker.job_queue import Delivery, JobQueue
 
-Batch = tuple[list[Event], dict[str, str]]  # events, and finished request id -> message id
+Batch = tuple[list[Event], dict[str, str], int]  # events, finished request id -> message id, pull
 
 
 class BackgroundPublisher:
@@ -27,16 +29,32 @@ class BackgroundPublisher:
         self._state = threading.Condition()
         self._unsent = 0  # batches submitted and not yet sent (guarded by _state)
         self._listeners: dict[str, int] = {}  # reported since the last `take_listeners()`
+        self._pulled: list[Delivery] = []  # jobs pulled since the last `take_pulled()`
+        self._unanswered_pulls = 0  # submitted with pull > 0 and not yet sent
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="spindle-publisher", daemon=True)
         self._thread.start()
 
-    def submit(self, events: list[Event], finished: dict[str, str]) -> None:
-        """Queue one publish; returns at once."""
+    def submit(self, events: list[Event], finished: dict[str, str], pull: int = 0) -> None:
+        """Queue one publish (that also takes up to `pull` new jobs); returns at once."""
         self._raise_if_failed()
         with self._state:
             self._unsent += 1
-        self._batches.put((events, finished))
+            self._unanswered_pulls += pull > 0
+        self._batches.put((events, finished, pull))
+
+    @property
+    def pulling(self) -> bool:
+        """Whether a submitted pull is unanswered, or its jobs not yet taken."""
+        with self._state:
+            return self._unanswered_pulls > 0 or bool(self._pulled)
+
+    def take_pulled(self) -> list[Delivery]:
+        """The jobs that publishes pulled since the previous call (now this worker's to run)."""
+        self._raise_if_failed()
+        with self._state:
+            pulled, self._pulled = self._pulled, []
+        return pulled
 
     def take_listeners(self) -> dict[str, int]:
         """Per request, the listener count of its last PUBLISH sent since the previous call."""
@@ -69,13 +87,15 @@ class BackgroundPublisher:
     def _run(self) -> None:
         while (batch := self._batches.get()) is not None:
             try:
-                listeners = self._job_queue.publish(*batch)
+                reply = self._job_queue.publish(*batch)
             except BaseException as err:  # handed to the service's thread, which stops
                 with self._state:
                     self._error = err
                     self._state.notify_all()
                 return
             with self._state:
-                self._listeners.update(listeners)
+                self._listeners.update(reply.listeners)
+                self._pulled += reply.pulled
+                self._unanswered_pulls -= batch[2] > 0
                 self._unsent -= 1
                 self._state.notify_all()

@@ -1,11 +1,13 @@
-"""The worker's admission after an idle spell: jobs arriving close together are gathered into the
-first batch (`--burst-window-ms`), a busy worker never waits, and the gathering is bounded."""
+"""The worker's admission: after an idle spell, jobs arriving close together are gathered into the
+first batch (`--burst-window-ms`) and the gathering is bounded; a busy worker never waits, its
+pulls ride on its publishes."""
 
 from __future__ import annotations
 
 import time
 from types import SimpleNamespace
 
+from worker.job_queue import StepReply
 from worker.service import BURST_WINDOWS, IDLE_BLOCK_MS, WorkerService
 from worker.settings import WorkerSettings
 
@@ -17,6 +19,10 @@ class ScriptedQueue:
         self.batches = list(batches)
         self.forever = forever
         self.calls: list[tuple[int, int | None]] = []
+
+    def publish(self, events, finished, pull=0):
+        """Each publish's pull finds two jobs."""
+        return StepReply({}, [f"p{i}" for i in range(min(pull, 2))])
 
     def pull(self, count: int, block_ms: int | None):
         self.calls.append((count, block_ms))
@@ -46,10 +52,33 @@ def test_gathering_stops_at_the_batch_size():
     assert queue.calls == [(5, IDLE_BLOCK_MS), (3, None)]
 
 
-def test_a_busy_worker_takes_what_is_there_without_waiting():
+def test_a_busy_worker_asks_for_its_free_slots_in_the_steps_publish_not_itself():
     queue = ScriptedQueue([["a"], ["b"]])
-    assert service(queue, running=3)._pull() == ["a"]
-    assert queue.calls == [(5, None)]
+    busy = service(queue, running=3)
+    assert busy._pull() == []
+    assert queue.calls == []  # no round trip of its own
+    assert busy._busy_pull_size() == 5
+    busy.stopping = True
+    assert busy._busy_pull_size() == 0  # a stopping worker takes no more work
+    assert service(queue)._busy_pull_size() == 0  # an idle one blocks in `_pull` instead
+
+
+def test_no_second_pull_while_the_first_ones_jobs_are_not_admitted():
+    busy = service(ScriptedQueue([]), running=3)
+    busy.publisher.submit([], {}, pull=5)
+    assert busy._busy_pull_size() == 0
+    assert busy.publisher.flush(timeout_s=5)
+    assert busy._busy_pull_size() == 0  # answered, not yet taken
+    assert busy.publisher.take_pulled() == ["p0", "p1"]
+    assert busy._busy_pull_size() == 5
+
+
+def test_an_idle_worker_first_admits_what_its_last_publish_pulled():
+    queue = ScriptedQueue([["a"]])
+    idle = service(queue)
+    idle.publisher.submit([], {}, pull=3)
+    assert idle._pull() == ["p0", "p1"]
+    assert queue.calls == []
 
 
 def test_window_zero_turns_gathering_off_and_nothing_queued_means_no_gathering():

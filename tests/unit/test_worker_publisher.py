@@ -1,6 +1,6 @@
 """worker/publisher.py: the worker's events leave from a background thread in submission order,
-their listener counts come back on the next call, and a failed publish stops the service's
-thread instead of vanishing."""
+their listener counts and pulled jobs come back on the next call, and a failed publish stops the
+service's thread instead of vanishing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from common.protocol import Event
+from worker.job_queue import StepReply
 from worker.publisher import BackgroundPublisher
 
 
@@ -20,13 +21,13 @@ class RecordingQueue:
         self.gate = gate
         self.fail = fail
 
-    def publish(self, events, finished):
+    def publish(self, events, finished, pull=0):
         if self.gate is not None:
             self.gate.wait(5)
         if self.fail:
             raise ConnectionError("redis went away")
         self.batches.append(([e.id for e in events], dict(finished)))
-        return {e.id: 1 for e in events}
+        return StepReply({e.id: 1 for e in events}, [f"job{i}" for i in range(pull)])
 
 
 def event(request_id: str, seq: int = 0) -> Event:
@@ -46,6 +47,25 @@ def test_batches_are_sent_in_order_and_submit_does_not_wait_for_them():
     assert job_queue.batches == [(["a"], {}), (["a", "b"], {"a": "1-0"})]
     assert publisher.take_listeners() == {"a": 1, "b": 1}
     assert publisher.take_listeners() == {}  # each count is reported once
+    publisher.close(timeout_s=5)
+
+
+def test_pulled_jobs_are_handed_over_once_and_pulling_covers_them_until_taken():
+    gate = threading.Event()
+    publisher = BackgroundPublisher(RecordingQueue(gate))  # type: ignore[arg-type]
+    assert publisher.pulling is False
+    publisher.submit([event("a")], {}, pull=2)
+    assert publisher.pulling is True  # unanswered
+    assert publisher.take_pulled() == []
+    gate.set()
+    assert publisher.flush(timeout_s=5) is True
+    assert publisher.pulling is True  # answered, but its jobs are not taken yet
+    assert publisher.take_pulled() == ["job0", "job1"]
+    assert publisher.pulling is False
+    assert publisher.take_pulled() == []
+    publisher.submit([event("a", 1)], {})  # no pull
+    assert publisher.flush(timeout_s=5) is True
+    assert publisher.pulling is False and publisher.take_pulled() == []
     publisher.close(timeout_s=5)
 
 
