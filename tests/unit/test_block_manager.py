@@ -56,7 +56,7 @@ def test_grow_is_all_or_nothing() -> None:
     assert len(seq.block_ids) == 4
 
 
-def test_free_returns_every_block_and_reuses_warm_clean_blocks_first_in_order() -> None:
+def test_free_returns_every_block_for_the_next_sequence() -> None:
     blocks = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
     seq = make_seq(list(range(12)))
     compute_all(blocks, seq)
@@ -65,12 +65,52 @@ def test_free_returns_every_block_and_reuses_warm_clean_blocks_first_in_order() 
     assert blocks.num_free_blocks == 6 and blocks.num_used_blocks == 0
     assert seq.block_ids == [] and seq.num_computed_tokens == 0
     assert all(blocks._blocks[b].ref_count == 0 for b in held)
-    # Nothing is cached: the blocks just freed (warm memory) go first, in their order, then the
-    # never-used ones.
     other = make_seq(list(range(100, 124)))
     assert blocks.grow(other, 24)
-    assert other.block_ids[:3] == held
-    assert sorted(other.block_ids[3:]) == sorted(set(range(6)) - set(held))
+    assert sorted(other.block_ids) == list(range(6))
+
+
+def make_growing_seq(prompt_len: int, max_new_tokens: int) -> Sequence:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    request = Request("r", list(range(prompt_len)), params, arrival=0.0)
+    seq = Sequence(request, 0)
+    request.sequences.append(seq)
+    return seq
+
+
+def test_sequences_growing_side_by_side_each_keep_their_blocks_in_a_row() -> None:
+    # Decode attention reads a context block by block: blocks in a row are what the hardware
+    # prefetcher can follow. Each sequence's first block starts a run as long as it may grow
+    # to, held for it.
+    blocks = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    first, second, third = (make_growing_seq(8, 16) for _ in range(3))  # 2 blocks, up to 6
+    for seq in (first, second, third):
+        assert blocks.grow(seq, 8)
+    for tokens in range(9, 25):  # decode steps, interleaved
+        for seq in (first, second, third):
+            assert blocks.grow(seq, tokens)
+    for seq in (first, second, third):
+        start = seq.block_ids[0]
+        assert seq.block_ids == list(range(start, start + 6))
+    blocks.free(second)  # its run is open again, for a sequence that fits it
+    fourth = make_growing_seq(4, 20)
+    assert blocks.grow(fourth, 24)
+    assert fourth.block_ids == list(range(6, 12))
+
+
+def test_held_blocks_are_handed_out_when_nothing_else_is_free() -> None:
+    blocks = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    long = make_growing_seq(4, 28)  # may grow to 8 blocks: holds all the rest
+    assert blocks.grow(long, 4) and long.block_ids == [0]
+    other = make_growing_seq(8, 0)
+    assert blocks.grow(other, 8)
+    assert len(set(other.block_ids) | {0}) == 3  # taken from the held run
+    assert blocks.grow(long, 16)  # its run is broken: it goes on past the taken blocks
+    assert len(set(long.block_ids) | set(other.block_ids)) == 6
+    assert blocks.num_free_blocks == 2
+    blocks.free(long)
+    blocks.free(other)
+    assert blocks.num_free_blocks == 8 and blocks._clean._holds == {}
 
 
 def test_clean_blocks_go_before_cached_ones_which_go_oldest_freed_first() -> None:

@@ -4,6 +4,10 @@ A full block whose K/V have been computed is registered under a key chained from
 key and its tokens, so a later sequence with the same prefix (a shared system prompt, the other
 choices of an `n > 1` request, a preempted sequence coming back) reuses it instead of recomputing.
 Freed blocks keep their key until they are handed out again, oldest-freed first.
+
+Blocks that hold no cached prefix ("clean") are handed out so that each sequence's blocks sit next
+to each other in the cache (`CleanBlocks`): the attention kernels read a context block by block,
+and scattered blocks cost them memory latency the hardware prefetcher cannot hide.
 Pure Python — no torch.
 """
 
@@ -13,6 +17,82 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from worker.engine.sequence import Sequence
+
+
+class CleanBlocks:
+    """The free blocks without a cached prefix, as a map of the cache, handed out so that each
+    sequence's blocks sit in a row. A sequence's first block starts a run of free blocks as long
+    as it may grow to (or half that, ... when there is none); the rest of the run is held for it,
+    and its next block is the one right after its last while that is free and not held for
+    another. Holds are soft: with no other free block left, a held one is handed out.
+    Measured on the decode kernel (2-core EPYC, 32 contexts of ~400 tokens over 30 layers'
+    caches): 0.30 ms a layer with contiguous blocks, 0.40-0.45 ms with them shuffled (bf16; fp32
+    0.51 / 0.73-0.83) - where a stack of freed blocks drifts over a server's life."""
+
+    NOBODY = -1
+
+    def __init__(self, num_blocks: int) -> None:
+        self._free = bytearray(b"\x01") * num_blocks
+        self._open = bytearray(b"\x01") * num_blocks  # free and held for nobody
+        self._holder = [self.NOBODY] * num_blocks
+        self._holds: dict[int, list[range]] = {}  # owner -> the runs held for it
+        self._count = num_blocks
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, block_id: int) -> bool:
+        return bool(self._free[block_id])
+
+    def put(self, block_id: int) -> None:
+        self._free[block_id] = self._open[block_id] = 1
+        self._count += 1
+
+    def take(self, owner: int, after: int | None, run: int) -> int:
+        """A free block (there must be one) for `owner`, whose last block is `after` and which
+        may take `run` blocks more, this one included."""
+        following = -1 if after is None else after + 1
+        if (
+            0 <= following < len(self._free)
+            and self._free[following]
+            and (self._holder[following] in (self.NOBODY, owner))
+        ):
+            block_id = following
+        else:
+            block_id, length = self._open_run(run)
+            if block_id >= 0:
+                self._hold(owner, range(block_id + 1, block_id + length))
+            else:
+                block_id = self._free.index(1)  # only held blocks are left
+        self._free[block_id] = self._open[block_id] = 0
+        self._holder[block_id] = self.NOBODY
+        self._count -= 1
+        return block_id
+
+    def release(self, owner: int) -> None:
+        """Drop what is held for `owner` (its sequence was freed)."""
+        for held in self._holds.pop(owner, []):
+            for block_id in held:
+                if self._holder[block_id] == owner:
+                    self._holder[block_id] = self.NOBODY
+                    self._open[block_id] = self._free[block_id]
+
+    def _open_run(self, run: int) -> tuple[int, int]:
+        """The start and length of the first run of `run` open blocks, or of half as many, ...;
+        (-1, 0) when no block is open."""
+        while run >= 1:
+            start = self._open.find(b"\x01" * run)
+            if start >= 0:
+                return start, run
+            run //= 2
+        return -1, 0
+
+    def _hold(self, owner: int, blocks: range) -> None:
+        for block_id in blocks:
+            self._open[block_id] = 0
+            self._holder[block_id] = owner
+        if blocks:
+            self._holds.setdefault(owner, []).append(blocks)
 
 
 @dataclass(eq=False)
@@ -30,7 +110,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self._blocks = [Block(i) for i in range(num_blocks)]
-        self._clean: list[int] = list(reversed(range(num_blocks)))  # a stack: block 0 on top
+        self._clean = CleanBlocks(num_blocks)
         self._free: OrderedDict[int, None] = OrderedDict()  # free cached blocks, oldest first
         self._cached: dict[tuple[int, tuple[int, ...]], int] = {}
         self.num_cache_hit_tokens = 0  # tokens served from the prefix cache since start
@@ -86,9 +166,9 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks measuring cold prompts; tests)."""
-        for block_id in self._free:  # oldest first: the most recently freed ends on top
+        for block_id in self._free:
             self._blocks[block_id].key = None
-            self._clean.append(block_id)
+            self._clean.put(block_id)
         self._free.clear()
         self._cached = {key: i for key, i in self._cached.items() if self._blocks[i].key == key}
 
@@ -116,22 +196,24 @@ class BlockManager:
             return True
         if missing > self.num_free_blocks:
             return False
+        most = self.blocks_for(seq.num_prompt_tokens + seq.params.max_new_tokens)
         for _ in range(missing):
-            seq.block_ids.append(self._allocate_fresh())
+            after = seq.block_ids[-1] if seq.block_ids else None
+            seq.block_ids.append(self._allocate_fresh(seq, after, most - len(seq.block_ids)))
         return True
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`, tail first: a cached tail is then evicted before the
-        shareable head of its prefix, and clean blocks go back on their stack head on top, so
-        the next sequence gets them in order (contiguous K/V rows for the attention kernels)."""
+        shareable head of its prefix."""
         for block_id in reversed(seq.block_ids):
             block = self._blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 if block.key is None:
-                    self._clean.append(block_id)
+                    self._clean.put(block_id)
                 else:
                     self._free[block_id] = None
+        self._clean.release(seq.seq_id)
         seq.block_ids = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
@@ -142,9 +224,11 @@ class BlockManager:
             del self._free[block_id]
         block.ref_count += 1
 
-    def _allocate_fresh(self) -> int:
+    def _allocate_fresh(self, seq: Sequence, after: int | None, run: int) -> int:
+        """A block for `seq`, whose last block is `after` and which may take `run` more: a clean
+        one placed by `CleanBlocks.take`, else the oldest-freed cached one."""
         if self._clean:
-            block_id = self._clean.pop()
+            block_id = self._clean.take(seq.seq_id, after, run)
         else:
             block_id, _ = self._free.popitem(last=False)
         block = self._blocks[block_id]

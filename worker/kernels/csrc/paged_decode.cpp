@@ -57,22 +57,26 @@ struct Bf16Query {
 };
 #endif
 
-// Ask for the cache block after the one starting at `key`: blocks are scattered through the
-// cache, so the hardware prefetcher cannot guess them, and without this the loads stall on
-// memory latency (measured: 5 GB/s per core, against ~30 GB/s the machine streams).
+// Blocks are scattered through the cache (in the order sequences freed them), so the hardware
+// prefetcher cannot follow a context from one block to the next: each block's rows are asked
+// for PREFETCH_BLOCKS blocks ahead of their use. One block ahead -> four, per layer (2-core EPYC,
+// 32 contexts of ~400 tokens, 30 layers' caches, bf16): shuffled blocks 0.50 -> 0.42 ms,
+// contiguous 0.33 -> 0.32 ms (fp32 0.87 -> 0.83 and 0.62 -> 0.53 ms).
+constexpr int64_t PREFETCH_BLOCKS = 4;
+
 template <typename T, int64_t HEAD_DIM>
-inline void prefetch_next_block(const T* head, const int64_t* table, int64_t key, int64_t length,
-                                int64_t block_size, int64_t block_shift) {
-  const int64_t next_key = key + block_size;
-  if (next_key >= length) return;
-  const char* block = reinterpret_cast<const char*>(
-      head + table[next_key >> block_shift] * block_size * HEAD_DIM);
-  const int64_t bytes = std::min(block_size, length - next_key) * HEAD_DIM * sizeof(T);
+inline void prefetch_block(const T* head, const int64_t* table, int64_t block_index,
+                           int64_t length, int64_t block_size) {
+  const int64_t first_key = block_index * block_size;
+  if (first_key >= length) return;
+  const char* block =
+      reinterpret_cast<const char*>(head + table[block_index] * block_size * HEAD_DIM);
+  const int64_t bytes = std::min(block_size, length - first_key) * HEAD_DIM * sizeof(T);
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(block + offset);
 }
 
 // One KV head's context rows, asked for in order from key 0: `row(key)` switches blocks through
-// the block table and prefetches the following block.
+// the block table and prefetches ahead.
 template <typename T, int64_t HEAD_DIM>
 struct ContextRows {
   const T* head;
@@ -83,8 +87,12 @@ struct ContextRows {
   const T* row(int64_t key) {
     const int64_t in_block = key & (block_size - 1);
     if (in_block == 0) {
-      block = head + table[key >> block_shift] * block_size * HEAD_DIM;
-      prefetch_next_block<T, HEAD_DIM>(head, table, key, length, block_size, block_shift);
+      const int64_t index = key >> block_shift;
+      block = head + table[index] * block_size * HEAD_DIM;
+      if (index == 0)
+        for (int64_t ahead = 1; ahead < PREFETCH_BLOCKS; ++ahead)
+          prefetch_block<T, HEAD_DIM>(head, table, ahead, length, block_size);
+      prefetch_block<T, HEAD_DIM>(head, table, index + PREFETCH_BLOCKS, length, block_size);
     }
     return block + in_block * HEAD_DIM;
   }
