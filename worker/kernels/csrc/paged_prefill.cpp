@@ -54,22 +54,29 @@ struct Scratch {
         keys(block * HEAD_DIM), values(block * HEAD_DIM), query_pairs(HEAD_DIM / 2 * ROWS) {}
 };
 
+// A block's first `rows` K or V rows as fp32: converted into `scratch`, or in place for fp32.
 template <typename T, int64_t HEAD_DIM>
-inline void rows_to_float(const T* src, float* dst, int64_t rows) {
+inline const float* rows_as_float(const T* src, std::vector<float>& scratch, int64_t rows) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    float* dst = scratch.data();
 #pragma omp simd
-  for (int64_t i = 0; i < rows * HEAD_DIM; ++i) dst[i] = to_float(src[i]);
+    for (int64_t i = 0; i < rows * HEAD_DIM; ++i) dst[i] = to_float(src[i]);
+    return dst;
+  }
 }
 
-// probs[t][v] = sum_d keys[t][d] * query[d][v], for the block's first `valid` keys.
+// probs[t][v] = sum_d keys[t][d] * query[d][v], for the block's first `valid` keys (fp32 rows).
 template <int64_t HEAD_DIM>
-inline void block_scores(Scratch<HEAD_DIM>& s, int64_t valid) {
+inline void block_scores(Scratch<HEAD_DIM>& s, const float* keys, int64_t valid) {
   int64_t t0 = 0;
   for (; t0 + KEY_BLOCK <= valid; t0 += KEY_BLOCK) {
     vec a[KEY_BLOCK][ROW_VECS] = {};
     for (int64_t d = 0; d < HEAD_DIM; ++d) {
       const vec* q = s.query.data() + d * ROW_VECS;
       for (int64_t i = 0; i < KEY_BLOCK; ++i) {
-        const float k = s.keys[(t0 + i) * HEAD_DIM + d];
+        const float k = keys[(t0 + i) * HEAD_DIM + d];
         for (int64_t v = 0; v < ROW_VECS; ++v) a[i][v] += k * q[v];
       }
     }
@@ -79,7 +86,7 @@ inline void block_scores(Scratch<HEAD_DIM>& s, int64_t valid) {
   for (; t0 < valid; ++t0) {
     vec a[ROW_VECS] = {};
     for (int64_t d = 0; d < HEAD_DIM; ++d) {
-      const float k = s.keys[t0 * HEAD_DIM + d];
+      const float k = keys[t0 * HEAD_DIM + d];
       for (int64_t v = 0; v < ROW_VECS; ++v) a[v] += k * s.query[d * ROW_VECS + v];
     }
     for (int64_t v = 0; v < ROW_VECS; ++v) s.probs[t0 * ROW_VECS + v] = a[v];
@@ -123,16 +130,16 @@ inline void block_scores_bf16(Scratch<HEAD_DIM>& s, const at::BFloat16* keys, in
 }
 #endif
 
-// acc[d][v] += sum_t probs[t][v] * values[t][d].
+// acc[d][v] += sum_t probs[t][v] * values[t][d] (fp32 rows).
 template <int64_t HEAD_DIM>
-inline void block_values(Scratch<HEAD_DIM>& s, int64_t valid) {
+inline void block_values(Scratch<HEAD_DIM>& s, const float* values, int64_t valid) {
   for (int64_t d0 = 0; d0 < HEAD_DIM; d0 += DIM_BLOCK) {
     vec o[DIM_BLOCK][ROW_VECS];
     for (int64_t j = 0; j < DIM_BLOCK; ++j)
       for (int64_t v = 0; v < ROW_VECS; ++v) o[j][v] = s.acc[(d0 + j) * ROW_VECS + v];
     for (int64_t t = 0; t < valid; ++t) {
       const vec* p = s.probs.data() + t * ROW_VECS;
-      const float* value = s.values.data() + t * HEAD_DIM + d0;
+      const float* value = values + t * HEAD_DIM + d0;
       for (int64_t j = 0; j < DIM_BLOCK; ++j)
         for (int64_t v = 0; v < ROW_VECS; ++v) o[j][v] += value[j] * p[v];
     }
@@ -175,6 +182,15 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
     const int64_t head_base = item.kv_head * num_blocks * block_size * HEAD_DIM;
     const int64_t first_row = starts[item.chunk] + item.first;
 
+    // Ask for all of the tile's query rows first: the transpose below stores each row's elements
+    // one by one, which fills the store buffer and stalls the next row's loads, so without this
+    // the rows came from memory one after another (perf: a quarter of the kernel at those loads).
+    for (int64_t p = 0; p < positions; ++p) {
+      const char* row = reinterpret_cast<const char*>(
+          q_ptr + (first_row + p) * q_row_stride + item.kv_head * group * HEAD_DIM);
+      for (int64_t offset = 0; offset < group * HEAD_DIM * int64_t(sizeof(T)); offset += 64)
+        __builtin_prefetch(row + offset);
+    }
     // Transposed, scaled queries and each row's position; padding rows repeat the last row.
     alignas(64) int32_t position_lanes[ROWS];
     float* query = reinterpret_cast<float*>(s.query.data());
@@ -203,15 +219,14 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
     for (int64_t key0 = 0; key0 <= last_position; key0 += block_size) {
       const int64_t valid = std::min(block_size, last_position + 1 - key0);
       const int64_t block = table[key0 / block_size] * block_size * HEAD_DIM;
-      rows_to_float<T, HEAD_DIM>(v_ptr + head_base + block, s.values.data(), valid);
+      const float* values = rows_as_float<T, HEAD_DIM>(v_ptr + head_base + block, s.values, valid);
 #if defined(__AVX512BF16__)
       if constexpr (bf16_dot) {
         block_scores_bf16(s, k_ptr + head_base + block, valid, fscale);
       } else
 #endif
       {
-        rows_to_float<T, HEAD_DIM>(k_ptr + head_base + block, s.keys.data(), valid);
-        block_scores(s, valid);
+        block_scores(s, rows_as_float<T, HEAD_DIM>(k_ptr + head_base + block, s.keys, valid), valid);
       }
       if (key0 + valid - 1 > first_position) {  // the block reaches past some row: mask
         for (int64_t t = 0; t < valid; ++t)
@@ -238,7 +253,7 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
         row_sum[v] = row_sum[v] * correction + sum;
         for (int64_t d = 0; d < HEAD_DIM; ++d) s.acc[d * ROW_VECS + v] *= correction;
       }
-      block_values(s, valid);
+      block_values(s, values, valid);
     }
     const float* acc = reinterpret_cast<const float*>(s.acc.data());
     alignas(64) float sums[ROWS];
