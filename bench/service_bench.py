@@ -277,7 +277,8 @@ def run_service(
     """`spindle serve` with the in-process engine's options, each workload `args.repeat` times."""
     options = engine_options(args)
     with Serve(model_dir, options, args.threads, log_dir / "serve.log") as serve:
-        return run_served(serve, workloads, args.repeat, getattr(args, "workload_repeats", None))
+        counts = {workload.name: repeats_of(args, workload) for workload in workloads}
+        return run_served(serve, workloads, args.repeat, counts)
 
 
 def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
