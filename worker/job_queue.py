@@ -87,16 +87,9 @@ class JobQueue:
 
     def pull(self, count: int, block_ms: int | None) -> list[Delivery]:
         """Up to `count` new jobs; blocks up to `block_ms` when none is queued (None = no wait)."""
-        reply = self.client.xreadgroup(
-            WORKER_GROUP, self.worker_id, {self.stream: ">"}, count=count, block=block_ms
-        )
-        deliveries = []
-        for _stream, messages in reply or []:
-            for message_id, fields in messages:
-                delivery = self._decode(message_id, fields)
-                if delivery is not None:
-                    deliveries.append(delivery)
-        return deliveries
+        block = () if block_ms is None else (b"BLOCK", block_ms)
+        [reply] = self._execute([self._read_new(count, *block)])
+        return self._pulled(reply)
 
     def claim_orphans(self, min_idle_ms: int, count: int) -> list[Delivery]:
         """Jobs delivered to workers whose heartbeat has expired, now claimed by this worker."""
@@ -192,10 +185,7 @@ class JobQueue:
             commands.append((b"DEL", self.keys.progress(request_id)))
             self._progress_ttl_set.pop(request_id, None)
         if pull > 0:
-            commands.append(
-                (b"XREADGROUP", b"GROUP", WORKER_GROUP, self.worker_id, b"COUNT", pull,
-                 b"STREAMS", self.stream, b">")
-            )  # fmt: skip
+            commands.append(self._read_new(pull))
         replies = self._execute(commands)
         return StepReply(
             listeners={request_id: replies[index] for request_id, index in publish_reply.items()},
@@ -225,6 +215,11 @@ class JobQueue:
             raise
         finally:
             pool.release(connection)
+
+    def _read_new(self, count: int, *options: bytes | int) -> Command:
+        """XREADGROUP of up to `count` jobs never delivered to any worker."""
+        return (b"XREADGROUP", b"GROUP", WORKER_GROUP, self.worker_id, b"COUNT", count, *options,
+                b"STREAMS", self.stream, b">")  # fmt: skip
 
     def _pulled(self, reply: list | None) -> list[Delivery]:
         """The deliveries in a raw XREADGROUP reply: [[stream, [[id, [field, value, ...]]]]]."""
