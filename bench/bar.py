@@ -214,7 +214,7 @@ def run_static(model_dir: Path, dtype: str, workload: Workload, args: argparse.N
     """transformers static batching, `args.repeat` times; the fastest counts."""
     from bench.static_batching import StaticSystem, check_lengths
 
-    system = StaticSystem(model_dir, dtype, args.static_batch_size)
+    system = StaticSystem(model_dir, dtype, args.static_batch_size, args.threads)
     system.run(WARMUP)  # untimed: first calls allocate and pick kernels
     summaries = []
     for _ in range(args.repeat):
@@ -244,7 +244,7 @@ def measure_dtype(
     # the one-request TTFT workload runs `--cost-repeat` times: its cost is the median over them
     repeats = {cost_workload.name: args.cost_repeat} if cost_workload.name != workload.name else {}
     dtype_args = argparse.Namespace(**{**vars(args), "dtype": dtype, "workload_repeats": repeats})
-    peak = matmul_peak_flops(getattr(torch, dtype))
+    peak = matmul_peak_flops(getattr(torch, dtype), args.threads)
     print(f"[{dtype}] matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
     runs: dict[str, dict[str, dict]] = {STATIC: {}}
     runs[STATIC][workload.name] = run_static(model_dir, dtype, workload, dtype_args)
@@ -259,7 +259,7 @@ def measure_dtype(
             repeat=args.repeat, threads=args.threads, log_dir=log_dir,
         )  # fmt: skip
         runs[VLLM] = vllm_info.pop("workloads")
-    peak_after = matmul_peak_flops(getattr(torch, dtype))
+    peak_after = matmul_peak_flops(getattr(torch, dtype), args.threads)
     flops = {w.name: model_flops(w, config) for w in both}
     rows = [
         system_row(system, name, summary, flops[name], peak)

@@ -92,8 +92,10 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
-def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
-    """Best FLOP/s of `torch.mm` on size x size matrices (one untimed warm-up)."""
+def matmul_peak_flops(dtype: torch.dtype, threads: int, size: int = 2048, reps: int = 5) -> float:
+    """Best FLOP/s of `torch.mm` on size x size matrices (one untimed warm-up) on `threads`
+    torch threads (set here: a spindle engine in this process leaves torch on one thread)."""
+    torch.set_num_threads(threads)
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
@@ -151,8 +153,12 @@ class SpindleSystem:
             enable_prefix_caching=args.prefix_caching,
         )
         self._runs = itertools.count()
+        self.threads = args.threads
 
     def run(self, workload: Workload) -> Sample:
+        from worker import kernels
+
+        kernels.use_threads(self.threads)  # the static system's runs set torch's threads
         tag = f"{workload.name}-{next(self._runs)}"
         cpu_start = time.process_time()
         seconds, ttft, output_ids = run_spindle(self.llm, workload, tag)
@@ -195,7 +201,7 @@ class System(Protocol):
 
 
 def static_system(model_dir: Path, dtype: str, workloads: list[Workload], args) -> StaticSystem:
-    return StaticSystem(model_dir, dtype, args.batch_size)
+    return StaticSystem(model_dir, dtype, args.batch_size, args.threads)
 
 
 SYSTEMS: dict[str, Callable[..., System]] = {"spindle": SpindleSystem, "static": static_system}
@@ -209,7 +215,7 @@ def bench_dtype(
 ) -> dict:
     """Both systems loaded side by side and run in turn on each workload, `--repeat` times, so
     each pair of numbers is measured minutes apart; between two matmul-peak measurements."""
-    peak = matmul_peak_flops(getattr(torch, dtype))
+    peak = matmul_peak_flops(getattr(torch, dtype), args.threads)
     print(f"[{dtype}] matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
     systems = [SYSTEMS[name](model_dir, dtype, workloads, args) for name in args.systems]
     warmup = Workload("warmup", 0, [BenchRequest(WARMUP_PROMPT, WARMUP_NEW_TOKENS)])
@@ -233,7 +239,7 @@ def bench_dtype(
         runs.extend(_pair(dtype, workload, samples, flops / peak))
     del systems
     gc.collect()
-    peak_after = matmul_peak_flops(getattr(torch, dtype))
+    peak_after = matmul_peak_flops(getattr(torch, dtype), args.threads)
     return {
         "dtype": dtype,
         "matmul_peak_gflops": round(peak / 1e9, 1),

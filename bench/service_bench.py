@@ -165,7 +165,12 @@ class Serve(ServerProcess):
     As a context manager: waits until ready, stops on exit."""
 
     def __init__(
-        self, model_dir: Path, options: dict[str, Any], threads: int, log_path: Path
+        self,
+        model_dir: Path,
+        options: dict[str, Any],
+        threads: int,
+        log_path: Path,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         argv = [sys.executable, "-m", "common.cli", "--log-level", os.environ.get("SPINDLE_BENCH_LOG_LEVEL", "WARNING"), "serve",
@@ -173,10 +178,12 @@ class Serve(ServerProcess):
                 "--num-threads", str(threads), *as_flags(options)]  # fmt: skip
         self.log_path = log_path
         self.model = ""  # the served name, read from /v1/models once ready
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SPINDLE_")}
+        # this process's SPINDLE_* switches stay here; `env` sets the served stack's own
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("SPINDLE_")}
+        child_env.update(env or {})
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log
+                argv, cwd=REPO_ROOT, env=child_env, stdout=subprocess.PIPE, stderr=log
             )
         self.ready = threading.Event()
         threading.Thread(target=self._watch_stdout, daemon=True).start()

@@ -50,16 +50,19 @@ class StaticSystem:
 
     name = "static"
 
-    def __init__(self, model_dir: Path, dtype: str, batch_size: int) -> None:
+    def __init__(self, model_dir: Path, dtype: str, batch_size: int, threads: int) -> None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
         self.model = model.eval()
         self.batch_size = batch_size
+        self.threads = threads
         pad_id = model.config.pad_token_id
         self.pad_id = pad_id if pad_id is not None else 0
 
     def run(self, workload: Workload) -> Sample:
+        # set per run: a spindle engine built in this process leaves torch on one thread
+        torch.set_num_threads(self.threads)
         sample = Sample(0.0, 0.0, [], [])
         start, cpu_start = time.perf_counter(), time.process_time()
         for first in range(0, len(workload.requests), self.batch_size):

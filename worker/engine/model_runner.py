@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from worker import kernels
 from worker.attention import AttentionBackend, select_backend
 from worker.engine import host_memory
 from worker.engine.config import EngineConfig
@@ -50,8 +51,8 @@ class ModelRunner:
         self.shards = shards
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if config.num_threads and self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads)
+        if self.device.type == "cpu":
+            kernels.use_threads(config.num_threads)
         self.backend: AttentionBackend = select_backend(config.attention_backend, self.device)
         self.block_size = self.backend.block_size
         self.model = build_model(

@@ -11,6 +11,11 @@ read in place from the paged KV cache; `write_kv_cache_` stores a step's K/V row
 `silu_and_mul` fuse the element-wise layers (worker/layers). Without a compiler the build fails
 once, a warning says why, and callers fall back to their pure-torch path; `SPINDLE_CPU_KERNELS=0`
 turns the kernels off on purpose (e.g. to compare the two paths).
+
+`use_threads(n)` gives a CPU model its threads: the kernels run on their own pool (csrc/pool.h:
+no barrier waits on a thread another process took the core from, the linears' items computed
+again by the caller when a thread is late) and torch's ops on one thread; `SPINDLE_CPU_POOL=0`
+keeps everything on torch's OpenMP threads instead.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ SOURCES = [
         "linear_amx.cpp",
         "linear_bf16.cpp",
         "linear_f32.cpp",
+        "pool.cpp",
     )
 ]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
@@ -69,6 +75,24 @@ def native_module() -> Any | None:
     except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
         log.warning("CPU kernels unavailable, using the pure-torch paths: %s", err)
         return None
+
+
+def use_threads(threads: int | None = None) -> None:
+    """Run this process's CPU work on `threads` threads (None: as many as now): the kernels'
+    pool when it can be used (the kernels built, `SPINDLE_CPU_POOL` on, 2+ threads), with
+    torch's own ops then on one thread so two teams never spin for the same cores; otherwise
+    torch's threads."""
+    module = native_module()
+    if threads is None:
+        pooled = module.pool_threads() if module is not None else 0
+        threads = pooled or torch.get_num_threads()
+    if module is not None and threads >= 2 and env_switch("SPINDLE_CPU_POOL"):
+        module.configure_pool(threads)
+        torch.set_num_threads(1)
+        return
+    if module is not None:
+        module.configure_pool(0)
+    torch.set_num_threads(threads)
 
 
 def _put_ninja_on_path() -> None:

@@ -1,5 +1,6 @@
 // The Python module of spindle's CPU kernels (see kernels.h).
 #include "kernels.h"
+#include "pool.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention");
@@ -35,5 +36,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a float32 [2 x intermediate, in] gate|up weight, gate and up column blocks alternating");
   m.def("linear_f32_silu_mul", &linear_f32_silu_mul,
         "SiLU(x G^T) * (x U^T) with AVX-512 FMAs from a weight packed by pack_linear_f32_gated");
+  m.def("configure_pool", &spindle_pool::configure,
+        "run the kernels on spindle's own threads (threads >= 2) or torch's (0)",
+        py::arg("threads"), py::arg("speculate_all") = false, py::arg("spin_us") = 200);
+  m.def("pool_stats", &spindle_pool::stats,
+        "regions, helper items, items computed twice, helper sleeps since the process started");
+  m.def("pool_threads", &spindle_pool::threads, "the pool's threads, 0 when it is off");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up over a fused gate|up tensor");
 }

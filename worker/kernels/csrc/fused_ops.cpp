@@ -1,11 +1,11 @@
 // Element-wise layers of Llama-style blocks, one pass each over contiguous rows, in float32
 // arithmetic. Each result is rounded to the activation dtype exactly where the eager torch code
 // (worker/layers/norm.py, rotary.py, activation.py) rounds, so bf16 outputs match it bit for bit
-// up to the order of float additions. Rows are split across torch's threads.
+// up to the order of float additions. Rows are split across the kernels' threads (pool.h).
 #include "kernels.h"
 #include "vec.h"
 
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -77,7 +77,7 @@ void add_row(T* residual, const T* x, int64_t size) {
 
 template <typename T>
 void norm_rows(T* out, const T* in, const T* weight, int64_t rows, int64_t size, float eps) {
-  at::parallel_for(0, rows, grain_rows(size), [&](int64_t begin, int64_t end) {
+  spindle_pool::parallel_for(0, rows, grain_rows(size), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) norm_row(out + r * size, in + r * size, weight, size, eps);
   });
 }
@@ -85,7 +85,7 @@ void norm_rows(T* out, const T* in, const T* weight, int64_t rows, int64_t size,
 // residual += x, then x = weight * RMSNorm(residual), row by row in one pass.
 template <typename T>
 void add_norm_rows(T* x, T* residual, const T* weight, int64_t rows, int64_t size, float eps) {
-  at::parallel_for(0, rows, grain_rows(2 * size), [&](int64_t begin, int64_t end) {
+  spindle_pool::parallel_for(0, rows, grain_rows(2 * size), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       add_row(residual + r * size, x + r * size, size);
       norm_row(x + r * size, residual + r * size, weight, size, eps);
@@ -97,7 +97,7 @@ template <typename T>
 void rotate(T* base, int64_t tokens, int64_t heads, int64_t token_stride, int64_t head_stride,
             int64_t dim, const int64_t* positions, const float* cos_cache, const float* sin_cache) {
   const int64_t half = dim / 2;
-  at::parallel_for(0, tokens, grain_rows(heads * dim), [&](int64_t begin, int64_t end) {
+  spindle_pool::parallel_for(0, tokens, grain_rows(heads * dim), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* cos_row = cos_cache + positions[t] * dim;
       const float* sin_row = sin_cache + positions[t] * dim;
@@ -137,7 +137,7 @@ void silu_mul_row(T* y, const T* gate, const T* up, int64_t size) {
 
 template <typename T>
 void silu_mul_rows(T* out, const T* gate_up, int64_t rows, int64_t size) {
-  at::parallel_for(0, rows, grain_rows(3 * size), [&](int64_t begin, int64_t end) {
+  spindle_pool::parallel_for(0, rows, grain_rows(3 * size), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = gate_up + r * 2 * size;
       silu_mul_row(out + r * size, gate, gate + size, size);

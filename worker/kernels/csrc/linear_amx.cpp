@@ -22,7 +22,7 @@
 #include "linear_bf16.h"
 #include "linear_call.h"
 
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -117,7 +117,7 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
   const char* b = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
   at::BFloat16* y = call.out.data_ptr<at::BFloat16>();
   const int64_t lda = k * 2, k_steps = k / BLOCK;
-  at::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
+  spindle_pool::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float c[32][BLOCK];
     for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
@@ -161,7 +161,7 @@ at::Tensor linear_amx_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
   const char* b = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
   at::BFloat16* y = call.out.data_ptr<at::BFloat16>();
   const int64_t lda = k * 2, k_steps = k / BLOCK, block_bytes = k_steps * BLOCK_BYTES;
-  at::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
+  spindle_pool::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float gate[32][32], up[32][32];
     for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {

@@ -1,22 +1,21 @@
-// bf16 linear layers (y = x Wᵀ + b): the packed layout both bf16 kernels read, and the product
-// with AVX512_BF16 dot products (`vdpbf16ps`) for CPUs that have those but no AMX tiles (AMD Zen
-// 4/5, Intel Cooper Lake); linear_amx.cpp multiplies the same layout on AMX tiles.
+// bf16 linear layers (y = x Wᵀ + b): the packed layout both bf16 kernels read, and the product with
+// AVX512_BF16 dot products (`vdpbf16ps`) for CPUs that have those but no AMX tiles (AMD Zen 4/5,
+// Intel Cooper Lake); linear_amx.cpp multiplies the same layout on AMX tiles.
 //
 // Layout: one contiguous run per 32 output columns, [N/32][K/32][2][16][16][2] — per 32x32 block,
 // two halves of 16 columns, each 16 K pairs x 16 columns x 2 (an AMX B tile, VNNI order). One
 // 64-byte row of a half is what `vdpbf16ps` multiplies: 16 columns x one K pair.
 //
-// The product mirrors linear_f32.cpp: each thread takes a contiguous range of column blocks and
-// multiplies up to ROWS rows of x at a time into 2 x ROWS fp32 accumulators (the K pair of x
-// broadcast, two weight vectors per pair); the first pass over a block prefetches the next
-// block, and larger batches loop rows in chunks of M_CHUNK inside each column block so the block
-// stays cached. Each output is the fp32 sum plus the bias, rounded to bf16 once, as oneDNN and
-// the AMX kernel round; the gated variant applies SiLU(gate) * up as the unfused layers round.
+// The product mirrors linear_f32.cpp: each item (linear_call.h's BlockItems: a run of column blocks
+// over up to M_CHUNK rows, computed speculatively on the kernels' pool, pool.h) multiplies up to
+// ROWS rows of x at a time into 2 x ROWS fp32 accumulators (the K pair of x broadcast, two weight
+// vectors per pair); the first pass over a block prefetches the run's next block, and the item's
+// rows pass over each block while it is cached. Each output is the fp32 sum plus the bias, rounded
+// to bf16 once, as oneDNN and the AMX kernel round; the gated variant applies SiLU(gate) * up as
+// the unfused layers round.
 #include "kernels.h"
 #include "linear_bf16.h"
 #include "linear_call.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
@@ -86,17 +85,15 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 
 const std::array<TileFn, ROWS> TILES = tile_table(std::make_integer_sequence<int, ROWS>{});  // [rows - 1]
 
-// Calls tile(nb, r0, live, prefetch) for every register tile (rows [r0, r0 + live)) of x's rows
-// [0, m) times this thread's column blocks [begin, end), a row chunk at a time; `prefetch` is set
-// on a block's first pass when the thread's next block follows it.
+// An item's tiles (linear_call.h's BlockItems): each column block of its run over its rows, up to
+// ROWS rows at a time (r counts from the item's first row); `prefetch` is set on a block's first
+// pass when the run's next block follows it.
 template <typename Tile>
-void for_each_tile(int64_t m, int64_t begin, int64_t end, Tile tile) {
-  for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
-    const int64_t chunk_end = std::min(m, chunk + M_CHUNK);
-    for (int64_t nb = begin; nb < end; ++nb)
-      for (int64_t r0 = chunk; r0 < chunk_end; r0 += ROWS)
-        tile(nb, r0, std::min<int64_t>(ROWS, chunk_end - r0), r0 == chunk && nb + 1 < end);
-  }
+void for_each_tile(const spindle_linear::BlockItems::Item& item, Tile tile) {
+  for (int64_t nb = item.block; nb < item.block + item.blocks; ++nb)
+    for (int64_t r = 0; r < item.rows; r += ROWS)
+      tile(nb, r, std::min<int64_t>(ROWS, item.rows - r),
+           r == 0 && nb + 1 < item.block + item.blocks);
 }
 
 #endif  // SPINDLE_DPBF16
@@ -141,15 +138,22 @@ at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& packed,
   const char* w = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
   at::BFloat16* y = call.out.data_ptr<at::BFloat16>();
   const int64_t k_steps = k / BLOCK, block_bytes = k_steps * BLOCK_BYTES;
-  at::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float c[ROWS][BLOCK];
-    for_each_tile(m, begin, end, [&](int64_t nb, int64_t r0, int64_t live, bool prefetch) {
-      const char* block = w + nb * block_bytes;
-      TILES[live - 1](a + r0 * k, k, block, prefetch ? block + block_bytes : nullptr, k_steps, c);
-      spindle_bf16::store_block(y + r0 * n + nb * BLOCK, n, live, c,
-                                bias_ptr ? bias_ptr + nb * BLOCK : nullptr);
-    });
-  });
+  const spindle_linear::BlockItems items(m, n / BLOCK, M_CHUNK, BLOCK);
+  spindle_pool::run_speculative(
+      items.count(), {call.rows, packed, call.out, call.bias}, [=](int64_t index) {
+        const auto item = items[index];
+        at::BFloat16* scratch = items.scratch<at::BFloat16>();
+        alignas(64) float c[ROWS][BLOCK];
+        for_each_tile(item, [&](int64_t nb, int64_t r, int64_t live, bool prefetch) {
+          const char* block = w + nb * block_bytes;
+          const char* next = prefetch ? block + block_bytes : nullptr;
+          TILES[live - 1](a + (item.row + r) * k, k, block, next, k_steps, c);
+          spindle_bf16::store_block(scratch + r * items.ld() + (nb - item.block) * BLOCK,
+                                    items.ld(), live, c,
+                                    bias_ptr ? bias_ptr + nb * BLOCK : nullptr);
+        });
+        items.store(item, scratch, y, n);
+      });
   return call.result();
 #else
   (void)x;
@@ -170,19 +174,24 @@ at::Tensor linear_dpbf16_silu_mul(const at::Tensor& x, const at::Tensor& packed)
   const char* w = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
   at::BFloat16* y = call.out.data_ptr<at::BFloat16>();
   const int64_t k_steps = k / BLOCK, block_bytes = k_steps * BLOCK_BYTES;
-  at::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float gate[ROWS][BLOCK], up[ROWS][BLOCK];
-    for_each_tile(m, begin, end, [&](int64_t nb, int64_t r0, int64_t live, bool prefetch) {
-      const char* gate_block = w + 2 * nb * block_bytes;
-      const char* up_block = gate_block + block_bytes;
-      const TileFn multiply = TILES[live - 1];
-      multiply(a + r0 * k, k, gate_block, prefetch ? up_block + block_bytes : nullptr, k_steps,
-               gate);
-      multiply(a + r0 * k, k, up_block, prefetch ? up_block + 2 * block_bytes : nullptr, k_steps,
-               up);
-      spindle_bf16::store_gated_block(y + r0 * n + nb * BLOCK, n, live, gate, up);
-    });
-  });
+  const spindle_linear::BlockItems items(m, n / BLOCK, M_CHUNK, BLOCK);
+  spindle_pool::run_speculative(
+      items.count(), {call.rows, packed, call.out}, [=](int64_t index) {
+        const auto item = items[index];
+        at::BFloat16* scratch = items.scratch<at::BFloat16>();
+        alignas(64) float gate[ROWS][BLOCK], up[ROWS][BLOCK];
+        for_each_tile(item, [&](int64_t nb, int64_t r, int64_t live, bool prefetch) {
+          const char* gate_block = w + 2 * nb * block_bytes;
+          const char* up_block = gate_block + block_bytes;
+          const TileFn multiply = TILES[live - 1];
+          const uint16_t* x = a + (item.row + r) * k;
+          multiply(x, k, gate_block, prefetch ? up_block + block_bytes : nullptr, k_steps, gate);
+          multiply(x, k, up_block, prefetch ? up_block + 2 * block_bytes : nullptr, k_steps, up);
+          spindle_bf16::store_gated_block(scratch + r * items.ld() + (nb - item.block) * BLOCK,
+                                          items.ld(), live, gate, up);
+        });
+        items.store(item, scratch, y, n);
+      });
   return call.result();
 #else
   (void)x;

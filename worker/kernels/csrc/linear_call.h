@@ -1,11 +1,16 @@
 // What the linear kernels (linear_amx.cpp, linear_bf16.cpp, linear_f32.cpp) do around their
 // product: x's leading dims flattened into a contiguous [m, k] matrix, the [m, n] output and the
-// shape it is returned in, the bias (if any) as fp32 for the epilogue, and the gate|up weight's
-// column blocks interleaved for the fused SiLU-and-multiply kernels.
+// shape it is returned in, the bias (if any) as fp32 for the epilogue, the gate|up weight's
+// column blocks interleaved for the fused SiLU-and-multiply kernels, and the items the product
+// splits into on the kernels' thread pool (pool.h).
 #pragma once
+
+#include "pool.h"
 
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace spindle_linear {
@@ -44,5 +49,57 @@ inline at::Tensor interleave_gate_up(const at::Tensor& weight, int64_t block) {
   const int64_t n = weight.size(0), k = weight.size(1);
   return weight.view({2, n / 2 / block, block, k}).transpose(0, 1).reshape({n, k});
 }
+
+// A linear product's speculative items (pool.h): a run of column blocks over a chunk of rows,
+// chunk-major so a chunk of x stays cached while the column blocks pass over it, about
+// RUNS_PER_THREAD runs per thread so the items a late thread holds are short. An item computes
+// into its thread's scratch ([rows][blocks x block columns], the output's dtype) and `store`s
+// that into the output once, if no other thread stored it first.
+struct BlockItems {
+  static constexpr int64_t RUNS_PER_THREAD = 8;
+  int64_t m, blocks, chunk_rows, block_cols, run, runs;
+
+  BlockItems(int64_t m, int64_t blocks, int64_t chunk_rows, int64_t block_cols)
+      : m(m), blocks(blocks), chunk_rows(chunk_rows), block_cols(block_cols) {
+    const int64_t threads = spindle_pool::max_threads();
+    const int64_t wanted_runs = threads * RUNS_PER_THREAD;
+    run = std::max<int64_t>(1, (blocks + wanted_runs - 1) / wanted_runs);
+    runs = (blocks + run - 1) / run;
+  }
+  int64_t count() const { return (m + chunk_rows - 1) / chunk_rows * runs; }
+
+  struct Item {
+    int64_t row, rows, block, blocks;
+  };
+  Item operator[](int64_t index) const {
+    const int64_t row = index / runs * chunk_rows, block = index % runs * run;
+    return {row, std::min(chunk_rows, m - row), block, std::min(run, blocks - block)};
+  }
+
+  // This thread's scratch for one item, in T; ld = run x block_cols.
+  template <typename T>
+  T* scratch() const {
+    struct alignas(64) Line {
+      unsigned char bytes[64];
+    };
+    thread_local std::vector<Line> lines;
+    const size_t bytes = sizeof(T) * chunk_rows * run * block_cols;
+    if (lines.size() * sizeof(Line) < bytes)
+      lines.resize((bytes + sizeof(Line) - 1) / sizeof(Line));
+    return reinterpret_cast<T*>(lines.data());
+  }
+  int64_t ld() const { return run * block_cols; }
+
+  // The item's rows from scratch into the [m, n] output, unless another thread stored them.
+  template <typename T>
+  void store(const Item& item, const T* scratch, T* out, int64_t n) const {
+    spindle_pool::commit([&] {
+      const size_t row_bytes = sizeof(T) * item.blocks * block_cols;
+      T* first = out + item.row * n + item.block * block_cols;
+      for (int64_t r = 0; r < item.rows; ++r)
+        std::memcpy(first + r * n, scratch + r * ld(), row_bytes);
+    });
+  }
+};
 
 }  // namespace spindle_linear

@@ -2,13 +2,13 @@
 //
 // The fp32 twin of linear_amx.cpp: at decode batch sizes a step reads every weight once, and
 // oneDNN's prepacked product leaves much of the memory bandwidth idle. The packed weight is one
-// contiguous run per 32 output columns ([N/32][K][32]); each thread takes a contiguous range of
-// column blocks and multiplies up to ROWS rows of x at a time into 2 x ROWS accumulator
-// registers (x broadcast one element at a time, two weight vectors per K). Every pass over a
-// block prefetches the NEXT block into L2 row by row, so a batch of more than ROWS rows (several
-// passes) overlaps the next block's DRAM read with this block's arithmetic, and a single pass
-// streams one block ahead. Larger batches loop rows in chunks of M_CHUNK inside each column
-// block. Sums are fp32 FMAs over K in order, as a plain dot product would add them. The gated
+// contiguous run per 32 output columns ([N/32][K][32]); each item (linear_call.h's BlockItems: a
+// run of column blocks over up to M_CHUNK rows, computed speculatively on the kernels' pool,
+// pool.h) multiplies up to ROWS rows of x at a time into 2 x ROWS accumulator registers (x
+// broadcast one element at a time, two weight vectors per K). Every pass over a block prefetches
+// the run's NEXT block into L2 row by row, so a batch of more than ROWS rows (several passes)
+// overlaps the next block's DRAM read with this block's arithmetic, and a single pass streams one
+// block ahead. Sums are fp32 FMAs over K in order, as a plain dot product would add them. The gated
 // variant (linear_f32_silu_mul) multiplies gate and up column blocks packed in alternation and
 // writes SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
 //
@@ -17,8 +17,6 @@
 #include "kernels.h"
 #include "linear_call.h"
 #include "vec.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
@@ -112,20 +110,25 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
   const float* a = call.rows.data_ptr<float>();
   const float* w = packed.data_ptr<float>();
   float* y = call.out.data_ptr<float>();
-  at::parallel_for(0, n / COLS, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
-      const int64_t chunk_end = std::min(m, chunk + M_CHUNK);
-      for (int64_t nb = begin; nb < end; ++nb) {
-        const float* block = w + nb * k * COLS;
-        const float* next = nb + 1 < end ? block + k * COLS : nullptr;
-        const float* block_bias = bias_ptr ? bias_ptr + nb * COLS : nullptr;
-        for (int64_t r0 = chunk; r0 < chunk_end; r0 += ROWS) {
-          const int64_t live = std::min<int64_t>(ROWS, chunk_end - r0);
-          TILES[live - 1](a + r0 * k, k, block, next, k, y + r0 * n + nb * COLS, n, block_bias);
+  const spindle_linear::BlockItems items(m, n / COLS, M_CHUNK, COLS);
+  spindle_pool::run_speculative(
+      items.count(), {call.rows, packed, call.out, call.bias}, [=](int64_t index) {
+        const auto item = items[index];
+        float* scratch = items.scratch<float>();
+        const int64_t last = item.block + item.blocks;
+        for (int64_t nb = item.block; nb < last; ++nb) {
+          const float* block = w + nb * k * COLS;
+          const float* next = nb + 1 < last ? block + k * COLS : nullptr;
+          const float* block_bias = bias_ptr ? bias_ptr + nb * COLS : nullptr;
+          for (int64_t r = 0; r < item.rows; r += ROWS) {
+            const int64_t live = std::min<int64_t>(ROWS, item.rows - r);
+            TILES[live - 1](a + (item.row + r) * k, k, block, next, k,
+                            scratch + r * items.ld() + (nb - item.block) * COLS, items.ld(),
+                            block_bias);
+          }
         }
-      }
-    }
-  });
+        items.store(item, scratch, y, n);
+      });
   return call.result();
 #else
   (void)x;
@@ -152,26 +155,30 @@ at::Tensor linear_f32_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
   const float* a = call.rows.data_ptr<float>();
   const float* w = packed.data_ptr<float>();
   float* y = call.out.data_ptr<float>();
-  at::parallel_for(0, n / COLS, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float gate[ROWS][COLS], up[ROWS][COLS];
-    for (int64_t chunk = 0; chunk < m; chunk += M_CHUNK) {
-      const int64_t chunk_end = std::min(m, chunk + M_CHUNK);
-      for (int64_t nb = begin; nb < end; ++nb) {
-        const float* gate_block = w + 2 * nb * block;
-        const float* up_block = gate_block + block;
-        const bool more = nb + 1 < end;  // prefetch the next pair's gate, then its up
-        for (int64_t r0 = chunk; r0 < chunk_end; r0 += ROWS) {
-          const int64_t live = std::min<int64_t>(ROWS, chunk_end - r0);
-          TILES[live - 1](a + r0 * k, k, gate_block, more ? up_block + block : nullptr, k,
-                          &gate[0][0], COLS, nullptr);
-          TILES[live - 1](a + r0 * k, k, up_block, more ? up_block + 2 * block : nullptr, k,
-                          &up[0][0], COLS, nullptr);
-          spindle_vec::store_silu_mul(y + r0 * n + nb * COLS, n, live, &gate[0][0], &up[0][0],
-                                      COLS, COLS);
+  const spindle_linear::BlockItems items(m, n / COLS, M_CHUNK, COLS);
+  spindle_pool::run_speculative(
+      items.count(), {call.rows, packed, call.out}, [=](int64_t index) {
+        const auto item = items[index];
+        float* scratch = items.scratch<float>();
+        alignas(64) float gate[ROWS][COLS], up[ROWS][COLS];
+        const int64_t last = item.block + item.blocks;
+        for (int64_t nb = item.block; nb < last; ++nb) {
+          const float* gate_block = w + 2 * nb * block;
+          const float* up_block = gate_block + block;
+          const bool more = nb + 1 < last;  // prefetch the next pair's gate, then its up
+          for (int64_t r = 0; r < item.rows; r += ROWS) {
+            const int64_t live = std::min<int64_t>(ROWS, item.rows - r);
+            const float* x = a + (item.row + r) * k;
+            TILES[live - 1](x, k, gate_block, more ? up_block + block : nullptr, k, &gate[0][0],
+                            COLS, nullptr);
+            TILES[live - 1](x, k, up_block, more ? up_block + 2 * block : nullptr, k, &up[0][0],
+                            COLS, nullptr);
+            spindle_vec::store_silu_mul(scratch + r * items.ld() + (nb - item.block) * COLS,
+                                        items.ld(), live, &gate[0][0], &up[0][0], COLS, COLS);
+          }
         }
-      }
-    }
-  });
+        items.store(item, scratch, y, n);
+      });
   return call.result();
 #else
   (void)x;

@@ -4,7 +4,7 @@
 // ~1.5 ms per 32-sequence bf16 step; argmax over [32, 49152] float32 logits, ~1.2 ms).
 #include "kernels.h"
 
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -17,7 +17,7 @@ namespace {
 template <typename T>
 void write_rows(T* cache, const T* rows, const int64_t* slots, int64_t tokens, int64_t heads,
                 int64_t dim, int64_t slots_per_head, int64_t row_stride) {
-  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+  spindle_pool::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t h = 0; h < heads; ++h)
         std::memcpy(cache + (h * slots_per_head + slots[t]) * dim, rows + t * row_stride + h * dim,
@@ -79,7 +79,7 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
   auto out = at::empty({rows}, logits.options().dtype(at::kLong));
   const float* x = logits.data_ptr<float>();
   int64_t* result = out.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  spindle_pool::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) result[r] = argmax_row(x + r * n, n);
   });
   return out;

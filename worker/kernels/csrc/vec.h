@@ -1,12 +1,12 @@
 // Helpers shared by the attention kernels: GCC's generic vector type of 16 floats (one AVX-512
 // register; two AVX2 or four SSE registers elsewhere, so the kernels build for any x86 or ARM
 // CPU), element conversions, a whole-vector exp, a 16-way transposing horizontal sum, the work
-// queue that spreads uneven items over torch's threads, and whether bf16 dot products
+// queue that spreads uneven items over the kernels' threads (pool.h), and whether bf16 dot products
 // (`vdpbf16ps`, AVX512_BF16) are compiled in.
 #pragma once
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -167,14 +167,15 @@ inline vec transpose_sum(const vec* x) {
                                  27, 29, 31);
 }
 
-// Runs work(state, i) for every i in [0, count) on torch's threads, each thread taking the next
+// Runs work(state, i) for every i in [0, count) on the kernels' threads, each taking the next
 // index from a shared counter (callers order items longest first, so the threads finish
 // together); make_state() builds each thread's scratch once.
 template <typename MakeState, typename Work>
 void for_each_item(int64_t count, MakeState make_state, Work work) {
   std::atomic<int64_t> next{0};
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  const int64_t threads =
+      std::max<int64_t>(1, std::min<int64_t>(spindle_pool::max_threads(), count));
+  spindle_pool::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     auto state = make_state();
     for (int64_t index = next++; index < count; index = next++) work(state, index);
   });
