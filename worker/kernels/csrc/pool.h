@@ -3,18 +3,21 @@
 // Why not OpenMP: the worker shares its cores with the gateway, Redis and the clients. When one of
 // them takes a core for a few milliseconds, an OpenMP team (static split, a barrier at the end of
 // every parallel region) stops: the other thread finishes its half and waits at the barrier for
-// the descheduled one, so a core-millisecond taken costs two. Measured on 2 cores, the in-process
-// engine on mixed-32 beside a process burning 5 % of the machine's CPU lost 10-15 % of its
-// throughput (bench/README.md, "co-tenant").
+// the descheduled one. Measured (README, "The in-process engine"): with this pool the engine runs
+// mixed-32 6-7 % faster on its own, but beside a process taking 5 % of the CPU it loses about as
+// much as on OpenMP (4-9 % either way): half the time the preempted thread is the caller, which
+// drives every region from Python, and nothing can take over from it.
 //
 // Here a parallel region is a count of items; every thread, the caller's included, takes the next
 // item from a shared counter, and the caller returns when every item is done, never waiting for a
 // thread to arrive. An item a descheduled thread holds would still hold the caller up, so items
 // that may be computed twice run *speculatively* (`run_speculative`): the caller, out of new
-// items, computes the ones still open itself, each into its own thread's scratch, and whichever
+// items and having waited twice its own items' time, computes the ones still open itself, each
+// into its own thread's scratch, and whichever
 // thread finishes an item first stores it (`commit`); the other's copy is dropped. A region keeps
 // the tensors its items read alive (`keep`), so a late thread finishing a copy nobody needs reads
-// valid memory; it never stores. Items whose inputs hold indices (attention's block tables) run
+// valid memory; it never stores; regions are freed on the caller's thread (freeing a tensor Python
+// also holds takes the GIL, which the caller holds while it runs a kernel). Items whose inputs hold indices (attention's block tables) run
 // without speculation: computing on inputs the caller has since changed could read out of bounds.
 //
 // The pool is off (every call goes to at::parallel_for on torch's threads) until `configure` turns
