@@ -134,11 +134,11 @@ void retire(Pool& p, std::shared_ptr<Region> region) {
   std::lock_guard<std::mutex> lock(p.mutex);
   if (p.current == region) p.current.reset();
   if (region->helpers_inside.load() > 0) p.retired.push_back(std::move(region));
-  auto left = [](const std::shared_ptr<Region>& r) { return r->helpers_inside.load() == 0; };
-  auto keep_end = std::partition(p.retired.begin(), p.retired.end(),
-                                 [&](const std::shared_ptr<Region>& r) { return !left(r); });
-  std::move(keep_end, p.retired.end(), std::back_inserter(freed));
-  p.retired.erase(keep_end, p.retired.end());
+  auto still_used = std::partition(p.retired.begin(), p.retired.end(), [](const auto& r) {
+    return r->helpers_inside.load() > 0;
+  });
+  std::move(still_used, p.retired.end(), std::back_inserter(freed));
+  p.retired.erase(still_used, p.retired.end());
 }
 
 // The caller, out of new items: waits for the other threads' items for as long as `patience`
@@ -158,21 +158,19 @@ void finish_speculatively(Region& region, std::chrono::nanoseconds patience) {
         break;
       }
     }
-    if (open >= 0) {
-      pool().second_runs.fetch_add(1, std::memory_order_relaxed);
-      run_item(region, open);
-    }
-    else
+    if (open < 0) {
       _mm_pause();  // another thread is storing the last items
+      continue;
+    }
+    pool().second_runs.fetch_add(1, std::memory_order_relaxed);
+    run_item(region, open);
   }
 }
 
 // take_items for the caller of a speculative region: how long its items took, on average.
 std::chrono::nanoseconds take_items_timed(Region& region) {
   const auto start = std::chrono::steady_clock::now();
-  int64_t taken = 0;
-  for (int64_t i = region.next++; i < region.count; i = region.next++, ++taken)
-    run_item(region, i);
+  const int64_t taken = take_items(region);
   const auto elapsed = std::chrono::steady_clock::now() - start;
   return taken > 0 ? elapsed / taken : std::chrono::nanoseconds(MIN_PATIENCE_NS);
 }

@@ -11,15 +11,14 @@
 // Here a parallel region is a count of items; every thread, the caller's included, takes the next
 // item from a shared counter, and the caller returns when every item is done, never waiting for a
 // thread to arrive. An item a descheduled thread holds would still hold the caller up, so items
-// that may be computed twice run *speculatively* (`run_speculative`): the caller, out of new
-// items and having waited twice its own items' time, computes the ones still open itself, each
-// into its own thread's scratch, and whichever
-// thread finishes an item first stores it (`commit`); the other's copy is dropped. A region keeps
-// the tensors its items read alive (`keep`), so a late thread finishing a copy nobody needs reads
-// valid memory; it never stores; regions are freed on the caller's thread (freeing a tensor Python
-// also holds takes the GIL, which the caller holds while it runs a kernel). Items whose inputs
-// hold indices (attention's block tables) run without speculation: computing on inputs the caller
-// has since changed could read out of bounds.
+// that may be computed twice run *speculatively* (`run_speculative`): the caller, out of new items
+// and having waited twice its own items' time, computes the ones still open itself, each into its
+// own thread's scratch, and whichever thread finishes an item first stores it (`commit`); the
+// other's copy is dropped. A region keeps the tensors its items read alive (`keep`), so a late
+// thread finishing a copy nobody needs reads valid memory; it never stores; regions are freed on
+// the caller's thread (freeing a tensor Python also holds takes the GIL, which the caller holds
+// while it runs a kernel). Items whose inputs hold indices (attention's block tables) run without
+// speculation: computing on inputs the caller has since changed could read out of bounds.
 //
 // The pool is off (every call goes to at::parallel_for on torch's threads) until `configure` turns
 // it on, which the model runner does for CPU models (worker/kernels/__init__.py: use_threads);
