@@ -9,8 +9,9 @@
 // The product mirrors linear_f32.cpp: each item (linear_call.h's BlockItems: a run of column blocks
 // over up to M_CHUNK rows, computed speculatively on the kernels' pool, pool.h) multiplies up to
 // ROWS rows of x at a time into 2 x ROWS fp32 accumulators (the K pair of x broadcast, two weight
-// vectors per pair); the first pass over a block prefetches the run's next block, and the item's
-// rows pass over each block while it is cached. Each output is the fp32 sum plus the bias, rounded
+// vectors per pair); the first pass over a block prefetches the run's next block (after the run's
+// last, the block the thread's next item likely starts with), and the item's rows pass over each
+// block while it is cached. Each output is the fp32 sum plus the bias, rounded
 // to bf16 once, as oneDNN and the AMX kernel round; the gated variant applies SiLU(gate) * up as
 // the unfused layers round.
 #include "kernels.h"
@@ -86,14 +87,17 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 const std::array<TileFn, ROWS> TILES = tile_table(std::make_integer_sequence<int, ROWS>{});  // [rows - 1]
 
 // An item's tiles (linear_call.h's BlockItems): each column block of its run over its rows, up to
-// ROWS rows at a time (r counts from the item's first row); `prefetch` is set on a block's first
-// pass when the run's next block follows it.
+// ROWS rows at a time (r counts from the item's first row). `tile(nb, r, live, next)`: `next` is
+// the block to prefetch on this pass — on a block's first pass, the run's next block or, after
+// its last, the block this thread's next item likely starts with — else -1.
 template <typename Tile>
-void for_each_tile(const spindle_linear::BlockItems::Item& item, Tile tile) {
-  for (int64_t nb = item.block; nb < item.block + item.blocks; ++nb)
+void for_each_tile(const spindle_linear::BlockItems& items, int64_t index, Tile tile) {
+  const auto item = items[index];
+  const int64_t last = item.block + item.blocks;
+  for (int64_t nb = item.block; nb < last; ++nb)
     for (int64_t r = 0; r < item.rows; r += ROWS)
       tile(nb, r, std::min<int64_t>(ROWS, item.rows - r),
-           r == 0 && nb + 1 < item.block + item.blocks);
+           r != 0 ? -1 : nb + 1 < last ? nb + 1 : items.next_block_after(index));
 }
 
 #endif  // SPINDLE_DPBF16
@@ -144,9 +148,9 @@ at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& packed,
         const auto item = items[index];
         at::BFloat16* scratch = items.scratch<at::BFloat16>();
         alignas(64) float c[ROWS][BLOCK];
-        for_each_tile(item, [&](int64_t nb, int64_t r, int64_t live, bool prefetch) {
+        for_each_tile(items, index, [&](int64_t nb, int64_t r, int64_t live, int64_t next_nb) {
           const char* block = w + nb * block_bytes;
-          const char* next = prefetch ? block + block_bytes : nullptr;
+          const char* next = next_nb >= 0 ? w + next_nb * block_bytes : nullptr;
           TILES[live - 1](a + (item.row + r) * k, k, block, next, k_steps, c);
           spindle_bf16::store_block(scratch + r * items.ld() + (nb - item.block) * BLOCK,
                                     items.ld(), live, c,
@@ -180,13 +184,14 @@ at::Tensor linear_dpbf16_silu_mul(const at::Tensor& x, const at::Tensor& packed)
         const auto item = items[index];
         at::BFloat16* scratch = items.scratch<at::BFloat16>();
         alignas(64) float gate[ROWS][BLOCK], up[ROWS][BLOCK];
-        for_each_tile(item, [&](int64_t nb, int64_t r, int64_t live, bool prefetch) {
+        for_each_tile(items, index, [&](int64_t nb, int64_t r, int64_t live, int64_t next_nb) {
           const char* gate_block = w + 2 * nb * block_bytes;
           const char* up_block = gate_block + block_bytes;
           const TileFn multiply = TILES[live - 1];
           const uint16_t* x = a + (item.row + r) * k;
-          multiply(x, k, gate_block, prefetch ? up_block + block_bytes : nullptr, k_steps, gate);
-          multiply(x, k, up_block, prefetch ? up_block + 2 * block_bytes : nullptr, k_steps, up);
+          const char* next_gate = next_nb >= 0 ? w + 2 * next_nb * block_bytes : nullptr;
+          multiply(x, k, gate_block, next_gate, k_steps, gate);
+          multiply(x, k, up_block, next_gate ? next_gate + block_bytes : nullptr, k_steps, up);
           spindle_bf16::store_gated_block(scratch + r * items.ld() + (nb - item.block) * BLOCK,
                                           items.ld(), live, gate, up);
         });

@@ -90,6 +90,15 @@ struct BlockItems {
   }
   int64_t ld() const { return run * block_cols; }
 
+  // The first column block of the item the thread that took item `index` will likely take next
+  // (the pool hands items out in order, so about `threads` later), or -1 for none: an item's
+  // last block prefetches it, so a thread's weight stream runs on from one item into the next
+  // instead of starting each item with a block read on demand.
+  int64_t next_block_after(int64_t index) const {
+    const int64_t later = index + spindle_pool::max_threads();
+    return later < count() ? (*this)[later].block : -1;
+  }
+
   // The item's rows from scratch into the [m, n] output, unless another thread stored them.
   template <typename T>
   void store(const Item& item, const T* scratch, T* out, int64_t n) const {

@@ -6,11 +6,12 @@
 // run of column blocks over up to M_CHUNK rows, computed speculatively on the kernels' pool,
 // pool.h) multiplies up to ROWS rows of x at a time into 2 x ROWS accumulator registers (x
 // broadcast one element at a time, two weight vectors per K). Every pass over a block prefetches
-// the run's NEXT block into L2 row by row, so a batch of more than ROWS rows (several passes)
-// overlaps the next block's DRAM read with this block's arithmetic, and a single pass streams one
-// block ahead. Sums are fp32 FMAs over K in order, as a plain dot product would add them. The gated
-// variant (linear_f32_silu_mul) multiplies gate and up column blocks packed in alternation and
-// writes SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
+// the run's NEXT block (after its last, the block the thread's next item likely starts with) into
+// L2 row by row, so a batch of more than ROWS rows (several passes) overlaps the next block's DRAM
+// read with this block's arithmetic, and a single pass streams one block ahead. Sums are fp32
+// FMAs over K in order, as a plain dot product would add them. The gated variant
+// (linear_f32_silu_mul) multiplies gate and up column blocks packed in alternation and writes
+// SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
 //
 // Built where the compiler targets AVX-512F; elsewhere `linear_f32_supported` is false and the
 // callers keep oneDNN (worker/layers/linear.py).
@@ -115,10 +116,11 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
       items.count(), {call.rows, packed, call.out, call.bias}, [=](int64_t index) {
         const auto item = items[index];
         float* scratch = items.scratch<float>();
-        const int64_t last = item.block + item.blocks;
+        const int64_t last = item.block + item.blocks, after = items.next_block_after(index);
         for (int64_t nb = item.block; nb < last; ++nb) {
           const float* block = w + nb * k * COLS;
-          const float* next = nb + 1 < last ? block + k * COLS : nullptr;
+          const int64_t next_nb = nb + 1 < last ? nb + 1 : after;
+          const float* next = next_nb >= 0 ? w + next_nb * k * COLS : nullptr;
           const float* block_bias = bias_ptr ? bias_ptr + nb * COLS : nullptr;
           for (int64_t r = 0; r < item.rows; r += ROWS) {
             const int64_t live = std::min<int64_t>(ROWS, item.rows - r);
@@ -161,17 +163,18 @@ at::Tensor linear_f32_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
         const auto item = items[index];
         float* scratch = items.scratch<float>();
         alignas(64) float gate[ROWS][COLS], up[ROWS][COLS];
-        const int64_t last = item.block + item.blocks;
+        const int64_t last = item.block + item.blocks, after = items.next_block_after(index);
         for (int64_t nb = item.block; nb < last; ++nb) {
           const float* gate_block = w + 2 * nb * block;
           const float* up_block = gate_block + block;
-          const bool more = nb + 1 < last;  // prefetch the next pair's gate, then its up
+          const int64_t next_nb = nb + 1 < last ? nb + 1 : after;
+          // prefetch the next pair's gate, then its up
+          const float* next_gate = next_nb >= 0 ? w + 2 * next_nb * block : nullptr;
           for (int64_t r = 0; r < item.rows; r += ROWS) {
             const int64_t live = std::min<int64_t>(ROWS, item.rows - r);
             const float* x = a + (item.row + r) * k;
-            TILES[live - 1](x, k, gate_block, more ? up_block + block : nullptr, k, &gate[0][0],
-                            COLS, nullptr);
-            TILES[live - 1](x, k, up_block, more ? up_block + 2 * block : nullptr, k, &up[0][0],
+            TILES[live - 1](x, k, gate_block, next_gate, k, &gate[0][0], COLS, nullptr);
+            TILES[live - 1](x, k, up_block, next_gate ? next_gate + block : nullptr, k, &up[0][0],
                             COLS, nullptr);
             spindle_vec::store_silu_mul(scratch + r * items.ld() + (nb - item.block) * COLS,
                                         items.ld(), live, &gate[0][0], &up[0][0], COLS, COLS);
