@@ -2,9 +2,12 @@
 speculatively on it (the caller computes a late thread's items again, the first copy done is
 stored), give bit-for-bit the results of torch's OpenMP threads, also when every item is computed
 twice; the helpers take work; `use_threads` hands torch one thread while the pool runs, and
-`SPINDLE_CPU_POOL=0` keeps torch's threads."""
+`SPINDLE_CPU_POOL=0` keeps torch's threads; the kernels let go of the GIL while they run."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 import torch
@@ -114,3 +117,30 @@ def test_use_threads_gives_torch_one_thread_while_the_pool_runs(native, monkeypa
     monkeypatch.delenv("SPINDLE_CPU_POOL")
     kernels.use_threads(1)  # one thread: nothing to share, torch's path
     assert native.pool_threads() == 0 and torch.get_num_threads() == 1
+
+
+def test_kernels_let_go_of_the_gil_while_they_run(native):
+    """A Python thread (the worker's publisher) runs during a kernel call, not only after it:
+    with the GIL held through the call it could wake only when the call returned."""
+    kernels.use_threads(2)
+    x = torch.randn(4096, 16384)  # silu_and_mul over it takes ~50 ms on a 2-core machine
+    native.silu_and_mul(x)  # the first call allocates
+    wakes: list[float] = []
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            time.sleep(0.001)
+            wakes.append(time.perf_counter())
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    time.sleep(0.01)
+    start = time.perf_counter()
+    native.silu_and_mul(x)
+    end = time.perf_counter()
+    stop.set()
+    thread.join()
+    # The first half of the call: a thread kept waiting wakes at its end, around the return.
+    first_half = [t for t in wakes if start < t < (start + end) / 2]
+    assert len(first_half) >= 3, f"{len(first_half)} wakes in a {(end - start) * 1e3:.0f} ms call"

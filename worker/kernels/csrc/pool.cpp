@@ -47,7 +47,7 @@ struct Pool {
   std::shared_ptr<Region> current;
   // Finished regions a late helper is still inside. A region is freed on the caller's thread,
   // never a helper's: freeing it drops its tensors, and a tensor Python also holds takes the GIL
-  // to go (a helper would block on it while the caller, inside a kernel, holds it).
+  // to go (a helper would block on it behind whichever Python thread holds it).
   std::vector<std::shared_ptr<Region>> retired;
   std::atomic<uint32_t> epoch{0};  // bumped for every region; helpers wait on it
   std::atomic<int> sleepers{0};

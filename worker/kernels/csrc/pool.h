@@ -16,8 +16,8 @@
 // own thread's scratch, and whichever thread finishes an item first stores it (`commit`); the
 // other's copy is dropped. A region keeps the tensors its items read alive (`keep`), so a late
 // thread finishing a copy nobody needs reads valid memory; it never stores; regions are freed on
-// the caller's thread (freeing a tensor Python also holds takes the GIL, which the caller holds
-// while it runs a kernel). Items whose inputs hold indices (attention's block tables) run without
+// the caller's thread (freeing a tensor Python also holds takes the GIL, which a helper would wait
+// for behind whichever Python thread has it). Items whose inputs hold indices (attention's block tables) run without
 // speculation: computing on inputs the caller has since changed could read out of bounds.
 //
 // The pool is off (every call goes to at::parallel_for on torch's threads) until `configure` turns
