@@ -7,9 +7,10 @@ on Redis — except after a request's first token, whose send the next step wait
 idle worker blocks in XREADGROUP (no busy loop); a busy one asks for jobs in its step's publish
 and admits what that brought back at the next pass, so its thread never waits on a round trip of
 its own (one per step had cost ~0.4 ms of a 20 ms step, with the engine's second core spinning
-idle meanwhile). Every job ends with exactly one terminal event: finished, cancelled, refused (bad input), timed out, or failed — and is then
-XACKed and XDELed. Jobs of dead workers are claimed and resumed from their progress lists; a job
-delivered `max_deliveries` times goes to the dead letters with an error event to its client.
+idle meanwhile). Every job ends with exactly one terminal event: finished, cancelled, refused (bad
+input), timed out, or failed — and is then XACKed and XDELed. Jobs of dead workers are claimed and
+resumed from their progress lists; a job delivered `max_deliveries` times goes to the dead letters
+with an error event to its client.
 """
 
 from __future__ import annotations
