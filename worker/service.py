@@ -2,7 +2,8 @@
 
     admit jobs (only as many as can start soon) -> engine.step() -> take cancels -> publish
 
-Publishing is handed to a background thread (worker/publisher.py) so the next step does not wait
+The running requests and their output bookkeeping live in worker/flights.py. Publishing is handed
+to a background thread (worker/publisher.py) so the next step does not wait
 on Redis — except after a request's first token, whose send the next step waits for (TTFT). An
 idle worker blocks in XREADGROUP (no busy loop); a busy one asks for jobs in its step's publish
 and admits what that brought back at the next pass, so its thread never waits on a round trip of
@@ -31,6 +32,7 @@ from common.chat import ModelCard
 from common.keys import Keys
 from common.protocol import ErrorInfo, Event, Job, Usage
 from worker.engine.engine import LLMEngine, RequestError
+from worker.flights import Flights
 from worker.job_queue import Delivery, JobQueue
 from worker.metrics import WorkerMetrics
 from worker.publisher import BackgroundPublisher
@@ -41,20 +43,7 @@ log = logging.getLogger("spindle.worker")
 IDLE_BLOCK_MS = 1000  # how long an idle worker waits in XREADGROUP before its housekeeping
 BURST_WINDOWS = 10  # a burst is gathered for at most this many burst windows
 ORPHAN_SCAN_S = 2.0
-SILENT_STEPS_BEFORE_CANCEL = 3  # steps with no listener before a streamed request is dropped
 FIRST_TOKEN_SEND_S = 0.05  # the longest the next step waits for a first token's publish
-
-
-@dataclass
-class InFlight:
-    """A job this worker runs: where it came from and its timings for the request log line."""
-
-    delivery: Delivery
-    admitted: float
-    first_token: float | None = None
-    silent_steps: int = 0
-    tokens: int = 0
-    finish: str | None = None
 
 
 @dataclass
@@ -62,15 +51,16 @@ class WorkerService:
     settings: WorkerSettings
     engine: LLMEngine
     queue: JobQueue
-    inflight: dict[str, InFlight] = field(default_factory=dict)
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     stopping: bool = False
     _last_heartbeat: float = 0.0
     _last_orphan_scan: float = 0.0
     publisher: BackgroundPublisher = field(init=False)
+    flights: Flights = field(init=False)  # the requests this worker runs
 
     def __post_init__(self) -> None:
         self.publisher = BackgroundPublisher(self.queue)
+        self.flights = Flights(self.publisher, self.metrics)
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> WorkerService:
@@ -104,7 +94,7 @@ class WorkerService:
         while True:
             if self.stopping:
                 deadline = deadline or time.time() + self.settings.shutdown_timeout
-                if not self.inflight or time.time() > deadline:
+                if not self.flights.running or time.time() > deadline:
                     break
             self.iterate()
         self._hand_back()
@@ -139,7 +129,9 @@ class WorkerService:
 
     def _on_sigterm(self, signum, frame) -> None:
         log.info(
-            "signal %d: taking no more work, finishing %d requests", signum, len(self.inflight)
+            "signal %d: taking no more work, finishing %d requests",
+            signum,
+            len(self.flights.running),
         )
         self.stopping = True
 
@@ -250,7 +242,7 @@ class WorkerService:
                 len(resumed),
                 delivery.deliveries,
             )
-        self.inflight[job.id] = InFlight(delivery, time.time(), tokens=len(resumed))
+        self.flights.start(delivery, len(resumed))
 
     def _refuse(self, delivery: Delivery, finish, error: ErrorInfo | None) -> None:
         """End a job that never entered the engine with its one terminal event."""
@@ -291,81 +283,31 @@ class WorkerService:
         return [
             event
             for request_id in self.queue.poll_cancels()
-            if request_id in self.inflight
+            if request_id in self.flights.running
             for event in self.engine.abort_request(request_id)
         ]
 
     def _expire_deadlines(self) -> None:
         now = time.time()
-        for request_id, flight in list(self.inflight.items()):
+        for request_id, flight in list(self.flights.running.items()):
             deadline = flight.delivery.job.deadline
             if deadline is not None and now > deadline:
                 error = ErrorInfo("the request timed out", "timeout")
-                self._publish(self.engine.abort_request(request_id, "error", error))
+                self.flights.publish(self.engine.abort_request(request_id, "error", error))
 
     # -- output -------------------------------------------------------------------------------
 
     def _publish_step(self, events: list[Event]) -> None:
         """A pass's publish; one that carries a request's first token is sent before the next
         step takes the cores (one round trip per request; `single` TTFT -3.6 ms, README)."""
-        if self._publish(events, pull=self._busy_pull_size()):
+        if self.flights.publish(events, pull=self._busy_pull_size()):
             self.publisher.flush(FIRST_TOKEN_SEND_S)
 
-    def _publish(self, events: list[Event], pull: int = 0) -> int:
-        """Hand the events to the publisher; returns how many requests got their first token."""
-        if not events and not pull:
-            return 0
-        first_tokens = 0
-        now = time.time()
-        finished: dict[str, str] = {}
-        known = []
-        for event in events:
-            flight = self.inflight.get(event.id)
-            if flight is None:
-                continue
-            known.append(event)
-            if event.token_ids:
-                first_tokens += flight.first_token is None
-                flight.first_token = flight.first_token or now
-                flight.tokens += len(event.token_ids)
-                self.metrics.generated_tokens.inc(len(event.token_ids))
-            if event.usage is not None:
-                finished[event.id] = flight.delivery.message_id
-                flight.finish = event.finish
-        self.publisher.submit(known, finished, pull)
-        for request_id in finished:
-            self._log_request(self.inflight.pop(request_id), now)
-        return first_tokens
-
     def _drop_abandoned(self, listeners: dict[str, int]) -> None:
-        """A request whose events nobody hears (its gateway died) is cancelled after a few steps
-        (`listeners`: what the publishes sent since the last pass reported, once per pass)."""
-        for request_id, count in listeners.items():
-            flight = self.inflight.get(request_id)
-            if flight is None:
-                continue
-            flight.silent_steps = 0 if count else flight.silent_steps + 1
-            if flight.silent_steps >= SILENT_STEPS_BEFORE_CANCEL:
-                log.info("request %s has no listener: cancelling", request_id)
-                self._publish(self.engine.abort_request(request_id))
-
-    def _log_request(self, flight: InFlight, now: float) -> None:
-        job = flight.delivery.job
-        self.metrics.finished(flight.finish)
-        queue_s = max(0.0, flight.admitted - job.created) if job.created else 0.0
-        ttft = (flight.first_token - flight.admitted) if flight.first_token else None
-        log.info(
-            "request id=%s model=%s prompt_tokens=%d completion_tokens=%d finish=%s "
-            "queue=%.3fs ttft=%s total=%.3fs",
-            job.id,
-            job.model,
-            len(job.prompt_ids),
-            flight.tokens,
-            flight.finish,
-            queue_s,
-            f"{ttft:.3f}s" if ttft is not None else "-",
-            now - flight.admitted,
-        )
+        """Cancel the requests nobody hears any more (their gateway died)."""
+        for request_id in self.flights.unheard(listeners):
+            log.info("request %s has no listener: cancelling", request_id)
+            self.flights.publish(self.engine.abort_request(request_id))
 
     def _heartbeat(self, force: bool = False) -> None:
         stats = self.engine.stats()
@@ -389,8 +331,8 @@ class WorkerService:
         """On shutdown, unfinished jobs stay pending in the stream; removing the heartbeat lets
         another worker claim and resume them at once."""
         self.publisher.close(timeout_s=10)
-        if self.inflight:
-            log.info("handing back %d unfinished requests", len(self.inflight))
+        if self.flights.running:
+            log.info("handing back %d unfinished requests", len(self.flights.running))
         self.queue.unregister()
         self.queue.close()
 

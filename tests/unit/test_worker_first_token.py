@@ -8,8 +8,9 @@ import time
 from types import SimpleNamespace
 
 from common.protocol import Event, Job
+from worker.flights import InFlight
 from worker.job_queue import Delivery, StepReply
-from worker.service import FIRST_TOKEN_SEND_S, InFlight, WorkerService
+from worker.service import FIRST_TOKEN_SEND_S, WorkerService
 from worker.settings import WorkerSettings
 
 
@@ -30,7 +31,7 @@ def running_service(queue: SlowQueue) -> WorkerService:
     engine = SimpleNamespace(has_unfinished=True, stats=lambda: {"waiting": 0, "running": 1})
     worker = WorkerService(WorkerSettings(model="unused"), engine, queue)  # type: ignore[arg-type]
     job = Job(id="r1", model="m", prompt_ids=[1, 2, 3])
-    worker.inflight["r1"] = InFlight(Delivery("1-0", job), admitted=time.time())
+    worker.flights.running["r1"] = InFlight(Delivery("1-0", job), admitted=time.time())
     return worker
 
 
@@ -39,13 +40,13 @@ def test_a_first_token_is_sent_before_the_next_step():
     worker = running_service(queue)
     worker._publish_step([Event("r1", 0, token_ids=[7], text="a")])
     assert queue.sent.is_set()  # returned only once Redis had it
-    assert worker.inflight["r1"].first_token is not None
+    assert worker.flights.running["r1"].first_token is not None
 
 
 def test_later_tokens_do_not_hold_up_the_next_step():
     queue = SlowQueue(send_s=0.5)
     worker = running_service(queue)
-    worker.inflight["r1"].first_token = time.time()  # its first token went out a step ago
+    worker.flights.running["r1"].first_token = time.time()  # its first token went out a step ago
     start = time.perf_counter()
     worker._publish_step([Event("r1", 1, token_ids=[8], text="b")])
     assert time.perf_counter() - start < 0.25
