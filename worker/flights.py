@@ -38,6 +38,8 @@ class InFlight:
 
 @dataclass
 class Flights:
+    """This worker's running requests by id, and what their events do once stepped."""
+
     publisher: BackgroundPublisher
     metrics: WorkerMetrics
     running: dict[str, InFlight] = field(default_factory=dict)

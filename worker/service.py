@@ -2,13 +2,13 @@
 
     admit jobs (only as many as can start soon) -> engine.step() -> take cancels -> publish
 
-The running requests and their output bookkeeping live in worker/flights.py. Publishing is handed
-to a background thread (worker/publisher.py) so the next step does not wait
-on Redis — except after a request's first token, whose send the next step waits for (TTFT). An
-idle worker blocks in XREADGROUP (no busy loop); a busy one asks for jobs in its step's publish
-and admits what that brought back at the next pass, so its thread never waits on a round trip of
-its own (one per step had cost ~0.4 ms of a 20 ms step, with the engine's second core spinning
-idle meanwhile). Every job ends with exactly one terminal event: finished, cancelled, refused (bad
+The running requests and their output bookkeeping live in worker/flights.py. Publishing is
+handed to a background thread (worker/publisher.py) so the next step does not wait on Redis —
+except after a request's first token, whose send the next step waits for (TTFT). An idle worker
+blocks in XREADGROUP (no busy loop); a busy one asks for jobs in its step's publish and admits
+what that brought back at the next pass, so its thread never waits on a round trip of its own
+(one per step had cost ~0.4 ms of a 20 ms step, with the engine's second core spinning idle
+meanwhile). Every job ends with exactly one terminal event: finished, cancelled, refused (bad
 input), timed out, or failed — and is then XACKed and XDELed. Jobs of dead workers are claimed and
 resumed from their progress lists; a job delivered `max_deliveries` times goes to the dead letters
 with an error event to its client.

@@ -8,7 +8,6 @@ import time
 from types import SimpleNamespace
 
 from common.protocol import Event, Job
-from worker.flights import InFlight
 from worker.job_queue import Delivery, StepReply
 from worker.service import FIRST_TOKEN_SEND_S, WorkerService
 from worker.settings import WorkerSettings
@@ -31,7 +30,7 @@ def running_service(queue: SlowQueue) -> WorkerService:
     engine = SimpleNamespace(has_unfinished=True, stats=lambda: {"waiting": 0, "running": 1})
     worker = WorkerService(WorkerSettings(model="unused"), engine, queue)  # type: ignore[arg-type]
     job = Job(id="r1", model="m", prompt_ids=[1, 2, 3])
-    worker.flights.running["r1"] = InFlight(Delivery("1-0", job), admitted=time.time())
+    worker.flights.start(Delivery("1-0", job), resumed_tokens=0)
     return worker
 
 
