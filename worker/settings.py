@@ -31,6 +31,7 @@ class WorkerSettings:
     enable_prefix_caching: bool = setting(True, "reuse KV blocks of shared prefixes")
     num_threads: int | None = setting(None, "CPU threads for torch")
     num_shard: int = setting(1, "tensor-parallel ranks (processes) in this worker group")
+    enforce_eager: bool = setting(False, "on a GPU, run decode steps eagerly (no CUDA graphs)")
     burst_window_ms: float = setting(
         0.0, "after an idle spell, keep pulling while jobs arrive this close together (0 = off)"
     )
@@ -59,6 +60,7 @@ class WorkerSettings:
             enable_prefix_caching=self.enable_prefix_caching,
             num_threads=self.num_threads,
             num_shard=self.num_shard,
+            enforce_eager=self.enforce_eager,
         )
 
     def model_name(self) -> str:

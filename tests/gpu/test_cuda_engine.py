@@ -1,6 +1,7 @@
 """The engine on CUDA (marked `gpu`; skipped where CUDA is absent): greedy output equals
 transformers on the same GPU, with the backend `auto` picks (flash-attn's paged kernels when it
-imports, else sdpa), under staggered arrivals, chunked prefill and preemption."""
+imports, else sdpa, whose decode steps replay CUDA graphs), under staggered arrivals, chunked
+prefill and preemption."""
 
 from __future__ import annotations
 
@@ -44,7 +45,14 @@ def test_cuda_greedy_equals_transformers(tiny_models, arch):
     params = SamplingParams.make(temperature=0, max_new_tokens=24, ignore_eos=True)
     results = run_staggered(engine, prompts, params, arrivals=[0, 0, 1, 2, 3, 5, 8, 13])
     reference = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).cuda()
-    print(f"{arch}: backend={backend} preemptions={engine.scheduler.num_preemptions}")
+    graphs = engine.runner.decode_graphs
+    replays = graphs.replays if graphs is not None else 0
+    print(
+        f"{arch}: backend={backend} preemptions={engine.scheduler.num_preemptions} "
+        f"decode graph replays={replays} shapes={sorted(graphs.graphs) if graphs else []}"
+    )
+    if backend == "sdpa":  # its decode steps replay CUDA graphs (worker/engine/decode_graphs.py)
+        assert graphs is not None and not graphs.disabled and replays > 20
     for prompt, result in zip(prompts, results, strict=True):
         ids = torch.tensor([prompt], device="cuda")
         expected = reference.generate(

@@ -50,6 +50,17 @@ class AttentionBackend(ABC):
     @abstractmethod
     def build_metadata(self, batch: StepBatch) -> AttentionMetadata: ...
 
+    supports_decode_graphs = False
+
+    def decode_graph_metadata(
+        self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+    ) -> AttentionMetadata:
+        """Metadata for a decode-only step whose inputs are fixed-shape device tensors (one row
+        per sequence; `block_tables` padded to a fixed width), computing anything it derives
+        from them with device ops, so the step can be captured as a CUDA graph (see
+        worker/engine/decode_graphs.py). Backends that set `supports_decode_graphs` implement it."""
+        raise NotImplementedError
+
     @abstractmethod
     def forward(
         self,

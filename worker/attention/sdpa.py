@@ -91,6 +91,15 @@ class SdpaBackend(AttentionBackend):
             self, batch.slot_mapping, num_decodes, tables, lengths, bias, prefills, prefill_tables
         )
 
+    supports_decode_graphs = True
+
+    def decode_graph_metadata(self, slot_mapping, block_tables, context_lens) -> SdpaMetadata:
+        bias = None
+        if self.native is None:
+            bias = self._padding_bias(context_lens, block_tables.shape[1])
+        count = block_tables.shape[0]
+        return SdpaMetadata(self, slot_mapping, count, block_tables, context_lens, bias, [], None)
+
     def _prefill_tables(
         self, spans: list[PrefillSpan], block_ids: list[list[int]]
     ) -> PrefillTables:

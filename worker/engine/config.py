@@ -22,3 +22,4 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; default: torch's choice
     num_shard: int = 1  # tensor-parallel ranks (processes); the driver spawns ranks 1..N-1
+    enforce_eager: bool = False  # on CUDA: no decode graphs (worker/engine/decode_graphs.py)

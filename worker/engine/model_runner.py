@@ -17,6 +17,7 @@ from worker import kernels
 from worker.attention import AttentionBackend, select_backend
 from worker.engine import host_memory
 from worker.engine.config import EngineConfig
+from worker.engine.decode_graphs import DecodeGraphs
 from worker.engine.scheduler import SchedulerOutput
 from worker.layers.attention import Attention
 from worker.layers.linear import pack_linear_weights
@@ -64,7 +65,9 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(config, max_positions)
         if parallel.world_size > 1:  # every rank's cache must hold the blocks rank 0 hands out
             self.num_blocks = broadcast_int(self.num_blocks, self.device)
+        self.scratch_block = self.num_blocks  # one block past the scheduler's: see _allocate
         self._allocate_kv_cache()
+        self.decode_graphs = self._decode_graphs(config, parallel, max_positions)
         log.info(
             "model ready: %s on %s (%s), attention %s, %d packed weights, "
             "KV cache %d blocks x %d tokens",
@@ -107,8 +110,10 @@ class ModelRunner:
         return blocks
 
     def _allocate_kv_cache(self) -> None:
+        """Each layer's cache, with one block more than the scheduler hands out: the scratch
+        block, where the padding rows of a graphed decode step write and read."""
         shapes = [
-            self.backend.kv_cache_shape(self.num_blocks, layer.num_kv_heads, layer.head_dim)
+            self.backend.kv_cache_shape(self.num_blocks + 1, layer.num_kv_heads, layer.head_dim)
             for layer in self.attention_layers
         ]
         if self.device.type == "cpu":  # on huge pages: see worker/engine/host_memory.py
@@ -118,11 +123,26 @@ class ModelRunner:
         for layer, cache in zip(self.attention_layers, caches, strict=True):
             layer.kv_cache = cache
 
+    def _decode_graphs(
+        self, config: EngineConfig, parallel: ParallelContext, max_positions: int
+    ) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps: on a GPU, one process, a backend that supports them,
+        unless `enforce_eager`."""
+        if config.enforce_eager or self.device.type != "cuda" or parallel.world_size > 1:
+            return None
+        if not self.backend.supports_decode_graphs:
+            return None
+        return DecodeGraphs(self, config.max_batch_size, max_positions)
+
     # -- one step -----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> torch.Tensor:
         """Logits [sampling sequences, vocab] in float32, in `output.sampling()` order."""
+        if self.decode_graphs is not None and self.decode_graphs.handles(output):
+            logits = self.decode_graphs.execute(output)
+            if logits is not None:
+                return logits
         message = self._prepare(output)
         if self.shards is None:
             return self.forward(message)
