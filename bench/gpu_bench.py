@@ -1,5 +1,6 @@
-"""The GPU benchmark: mixed-32 through spindle's engine (flash-attn when it imports, else sdpa) and
-through transformers static batching (padded `generate`, batches of 32), on the same GPU in the
+"""The GPU benchmark: mixed-32 through spindle's engine (flash-attn when it imports, else sdpa), with
+its decode CUDA graphs and without (`enforce_eager`), and through transformers static batching
+(padded `generate`, batches of 32), each warmed up on the workload first, on the same GPU in the
 same run, with the model's shape from a config folder and random weights (the device machine
 has no network and the demo checkpoint is too big to carry; throughput does not depend on the
 values of the weights when every request generates exactly its max_tokens).
@@ -62,6 +63,39 @@ def run_static_cuda(model, workload: Workload, batch_size: int = 32) -> float:
     return time.perf_counter() - start
 
 
+def spindle_run(folder: Path, dtype: str, workload: Workload, enforce_eager: bool) -> dict:
+    """mixed-32 through spindle's engine, once to warm up (kernel loading, cuBLAS heuristics,
+    the decode graphs' captures: what a server does before its first request) and once timed.
+    Prefix caching is off so the timed pass computes every prompt again."""
+    from worker.engine.llm import LLM
+
+    longest = max(len(r.prompt_ids) + r.max_tokens for r in workload.requests)
+    llm = LLM(
+        str(folder),
+        dtype=dtype,
+        device="cuda",
+        max_total_tokens=longest + 1,
+        max_batch_size=64,
+        max_batch_total_tokens=64 * (longest + 1),
+        enable_prefix_caching=False,
+        enforce_eager=enforce_eager,
+    )
+    run_spindle(llm, workload, "warmup")
+    seconds, ttft, _ = run_spindle(llm, workload, "run")
+    graphs = llm.engine.runner.decode_graphs
+    result = {
+        "backend": llm.engine.runner.backend.name,
+        "cuda_graphs": graphs is not None and not graphs.disabled,
+        "graphs_captured": len(graphs.graphs) if graphs is not None else 0,
+        "seconds": seconds,
+        "tok_s": workload.output_tokens / seconds,
+        "ttft_p50_s": sorted(ttft)[len(ttft) // 2],
+    }
+    del llm
+    torch.cuda.empty_cache()
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config-dir", type=Path, required=True)
@@ -71,28 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    from worker.engine.llm import LLM
-
     dtype = getattr(torch, args.dtype)
     workload = load_workload(args.workload)
     folder = random_model(args.config_dir, Path(tempfile.mkdtemp()) / "model", dtype)
-    longest = max(len(r.prompt_ids) + r.max_tokens for r in workload.requests)
-    llm = LLM(
-        str(folder),
-        dtype=args.dtype,
-        device="cuda",
-        max_total_tokens=longest + 1,
-        max_batch_size=64,
-        max_batch_total_tokens=64 * (longest + 1),
-    )
-    run_spindle(llm, load_workload("single"), "warmup")
-    spindle_s, ttft, _ = run_spindle(llm, workload, "run")
-    backend = llm.engine.runner.backend.name
-    del llm
-    torch.cuda.empty_cache()
+    graphed = spindle_run(folder, args.dtype, workload, enforce_eager=False)
+    eager = spindle_run(folder, args.dtype, workload, enforce_eager=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model = model.cuda().eval()  # type: ignore[call-arg]  # transformers' stubs mistype .cuda
-    run_static_cuda(model, load_workload("single"))
+    run_static_cuda(model, workload)  # warm-up, as for spindle
     static_s = run_static_cuda(model, workload)
     tokens = workload.output_tokens
     result = {
@@ -101,21 +121,32 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "workload": workload.name,
         "output_tokens": tokens,
-        "attention_backend": backend,
-        "spindle_s": spindle_s,
-        "spindle_tok_s": tokens / spindle_s,
-        "spindle_ttft_p50_s": sorted(ttft)[len(ttft) // 2],
+        "spindle": graphed,
+        "spindle_eager": eager,
         "static_s": static_s,
         "static_tok_s": tokens / static_s,
-        "ratio": static_s / spindle_s,
+        "ratio": static_s / graphed["seconds"],
+        "ratio_eager": static_s / eager["seconds"],
     }
     args.out.write_text(json.dumps(result, indent=2))
-    print(
-        f"| system | backend | tok/s | seconds |\n|---|---|---|---|\n"
-        f"| spindle engine | {backend} | {result['spindle_tok_s']:.0f} | {spindle_s:.2f} |\n"
-        f"| transformers static (batch 32) | sdpa | {result['static_tok_s']:.0f} | {static_s:.2f} |\n"
-        f"ratio spindle / static: {result['ratio']:.2f}x on {result['device']} ({args.dtype}, {tokens} tokens)"
+    rows = [
+        (f"spindle engine, CUDA graphs ({graphed['graphs_captured']})", graphed),
+        ("spindle engine, eager", eager),
+    ]
+    lines = ["| system | backend | tok/s | seconds | TTFT p50 |", "|---|---|---|---|---|"]
+    for name, run in rows:
+        lines.append(
+            f"| {name} | {run['backend']} | {run['tok_s']:.0f} | {run['seconds']:.2f} "
+            f"| {run['ttft_p50_s']:.3f} |"
+        )
+    lines.append(
+        f"| transformers static (batch 32) | sdpa | {tokens / static_s:.0f} | {static_s:.2f} | |"
     )
+    lines.append(
+        f"spindle / static: {result['ratio']:.2f}x graphs, {result['ratio_eager']:.2f}x eager, "
+        f"on {result['device']} ({args.dtype}, {tokens} tokens)"
+    )
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
