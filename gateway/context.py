@@ -65,8 +65,10 @@ def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def require_api_key(request: Request) -> None:
-    """With --api-key set, every API route needs `Authorization: Bearer <key>`."""
+async def require_api_key(request: Request) -> None:
+    """With --api-key set, every API route needs `Authorization: Bearer <key>`. A coroutine so
+    that FastAPI runs it on the event loop: a plain function dependency goes to the thread pool,
+    one thread hop per request (a burst of 32 requests started 32 threads)."""
     expected = get_gateway(request).settings.api_key
     if not expected:
         return
