@@ -18,6 +18,7 @@ from worker.attention import AttentionBackend, select_backend
 from worker.engine import host_memory
 from worker.engine.config import EngineConfig
 from worker.engine.decode_graphs import DecodeGraphs
+from worker.engine.native_decoder import NativeDecoder
 from worker.engine.scheduler import SchedulerOutput
 from worker.layers.attention import Attention
 from worker.layers.linear import pack_linear_weights
@@ -68,6 +69,9 @@ class ModelRunner:
         self.scratch_block = self.num_blocks  # one block past the scheduler's: see _allocate
         self._allocate_kv_cache()
         self.decode_graphs = self._decode_graphs(config, parallel, max_positions)
+        self.native_decoder = (
+            NativeDecoder.build(self.model, self.backend) if self.device.type == "cpu" else None
+        )
         log.info(
             "model ready: %s on %s (%s), attention %s, %d packed weights, "
             "KV cache %d blocks x %d tokens",
@@ -157,7 +161,10 @@ class ModelRunner:
     def forward(self, message: StepMessage) -> torch.Tensor:
         """The forward pass of one step; every rank of a group runs it on the same message."""
         meta = self.backend.build_metadata(message.step_batch())
-        hidden = self.model(message.input_ids, message.positions, meta)
+        if self.native_decoder is not None and self.native_decoder.handles(meta):
+            hidden = self.native_decoder(message.input_ids, message.positions, meta)
+        else:
+            hidden = self.model(message.input_ids, message.positions, meta)
         logits = self.model.compute_logits(hidden[message.logits_indices])
         return logits[:, : self.vocab_size].float()
 

@@ -8,7 +8,8 @@ ninja) and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, defau
 `paged_decode` is decode attention and `paged_prefill_` causal attention of prompt chunks, both
 read in place from the paged KV cache; `write_kv_cache_` stores a step's K/V rows in it;
 `argmax_rows` is greedy sampling's argmax; `rms_norm`, `add_rms_norm_`, `rotary_` and
-`silu_and_mul` fuse the element-wise layers (worker/layers). Without a compiler the build fails
+`silu_and_mul` fuse the element-wise layers (worker/layers); `NativeDecoder` runs a
+Llama-family decoder stack through them layer by layer (worker/engine/native_decoder.py). Without a compiler the build fails
 once, a warning says why, and callers fall back to their pure-torch path; `SPINDLE_CPU_KERNELS=0`
 turns the kernels off on purpose (e.g. to compare the two paths).
 
@@ -46,6 +47,7 @@ SOURCES = [
         "linear_bf16.cpp",
         "linear_f32.cpp",
         "pool.cpp",
+        "decoder.cpp",
     )
 ]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]

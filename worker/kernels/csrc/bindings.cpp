@@ -52,4 +52,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "regions, helper items, items computed twice, helper sleeps since the process started");
   m.def("pool_threads", &spindle_pool::threads, "the pool's threads, 0 when it is off");
   m.def("silu_and_mul", &silu_and_mul, nogil, "SiLU(gate) * up over a fused gate|up tensor");
+  bind_native_decoder(m);
 }

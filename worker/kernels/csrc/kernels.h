@@ -61,3 +61,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
 // Its gate|up projection fused with SiLU-and-multiply, as for bf16 above.
 at::Tensor pack_linear_f32_gated(const at::Tensor& weight);
 at::Tensor linear_f32_silu_mul(const at::Tensor& x, const at::Tensor& packed);
+
+// A Llama-family decoder stack calling the kernels above layer by layer (decoder.cpp): the
+// Python class NativeDecoder.
+void bind_native_decoder(pybind11::module& m);
