@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from common.settings import env_switch
+from worker.attention.base import AttentionMetadata
 from worker.attention.sdpa import SdpaBackend, SdpaMetadata
 from worker.layers.linear import PackableLinear
 
@@ -34,7 +35,7 @@ class NativeDecoder:
             return None
         if not isinstance(backend, SdpaBackend) or backend.native is None:
             return None
-        inner = getattr(model, "model", None)
+        inner: Any = getattr(model, "model", None)
         layers = list(getattr(inner, "layers", []))
         if not layers or not all(_layer_qualifies(layer) for layer in layers):
             return None
@@ -73,7 +74,7 @@ class NativeDecoder:
             )
         return NativeDecoder(model, stack)
 
-    def handles(self, meta: Any) -> bool:
+    def handles(self, meta: AttentionMetadata) -> bool:
         """Whether the native stack runs this step: decodes, and prompt chunks where the native
         prefill kernel takes them (the backend built their tables)."""
         return isinstance(meta, SdpaMetadata) and (
@@ -81,8 +82,9 @@ class NativeDecoder:
         )
 
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: SdpaMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        assert isinstance(meta, SdpaMetadata)
         tables = meta.prefill_tables
         return self.stack.forward(
             self.embed_tokens(input_ids),
