@@ -25,6 +25,8 @@ ARCHITECTURES = {
     "qwen3": dict(
         arch="Qwen3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=32
     ),
+    # 64-wide heads, which spindle's native attention kernels take (the others' are 32 wide)
+    "qwen2-head64": dict(arch="Qwen2ForCausalLM", num_attention_heads=2, num_key_value_heads=1),
 }
 
 

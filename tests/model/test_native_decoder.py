@@ -1,7 +1,7 @@
 """The native decoder stack (worker/engine/native_decoder.py, csrc/decoder.cpp) against the
-modules' Python: on the demo model, every step of a staggered, chunked, preempting run gives
-bit-identical logits both ways, in float32 and bfloat16; and it stays off where a part of the
-model would take a torch path."""
+modules' Python: on the demo model and a tiny Qwen2 (q/k/v biases), every step of a staggered,
+chunked, preempting run gives bit-identical logits both ways, in float32 and bfloat16; and it
+stays off where a part of the model would take a torch path."""
 
 from __future__ import annotations
 
@@ -9,39 +9,12 @@ import pytest
 import torch
 
 from common.protocol import SamplingParams
-from tests.model.conftest import VOCAB, build_tokenizer
 from tests.model.test_engine_exact import run_staggered
 from worker.engine.config import EngineConfig
 from worker.engine.engine import LLMEngine
 from worker.engine.native_decoder import NativeDecoder
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def qwen2_head64(tmp_path_factory):
-    """A tiny random Qwen2 (q/k/v biases) with 64-wide heads, which the native attention
-    kernels take (the shared tiny models' heads are 32 wide)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("qwen2-head64")
-    config = AutoConfig.for_model(
-        "qwen2",
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        initializer_range=0.3,
-        eos_token_id=2,
-        architectures=["Qwen2ForCausalLM"],
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    build_tokenizer(path)
-    return path
 
 
 def demo_engine(path, dtype: str) -> LLMEngine:
@@ -58,8 +31,8 @@ def demo_engine(path, dtype: str) -> LLMEngine:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("model", ["demo", "qwen2-head64"])
-def test_native_stack_equals_the_modules_bit_for_bit(demo_model_dir, qwen2_head64, model, dtype):
-    engine = demo_engine(demo_model_dir if model == "demo" else qwen2_head64, dtype)
+def test_native_stack_equals_the_modules_bit_for_bit(demo_model_dir, tiny_models, model, dtype):
+    engine = demo_engine(demo_model_dir if model == "demo" else tiny_models[model], dtype)
     runner = engine.runner
     native = runner.native_decoder
     if native is None:

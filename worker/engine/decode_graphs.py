@@ -70,21 +70,10 @@ class StaticInputs:
     def column(self, index: int) -> torch.Tensor:
         return self.buffer[index * self.batch : (index + 1) * self.batch]
 
-    @property
-    def token_ids(self) -> torch.Tensor:
-        return self.column(0)
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self.column(1)
-
-    @property
-    def slot_mapping(self) -> torch.Tensor:
-        return self.column(2)
-
-    @property
-    def context_lens(self) -> torch.Tensor:
-        return self.column(3)
+    token_ids = property(lambda self: self.column(0))
+    positions = property(lambda self: self.column(1))
+    slot_mapping = property(lambda self: self.column(2))
+    context_lens = property(lambda self: self.column(3))
 
     @property
     def block_tables(self) -> torch.Tensor:
