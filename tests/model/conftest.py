@@ -27,6 +27,9 @@ ARCHITECTURES = {
     ),
     # 64-wide heads, which spindle's native attention kernels take (the others' are 32 wide)
     "qwen2-head64": dict(arch="Qwen2ForCausalLM", num_attention_heads=2, num_key_value_heads=1),
+    "qwen3-head64": dict(
+        arch="Qwen3ForCausalLM", num_attention_heads=2, num_key_value_heads=1, head_dim=64
+    ),
 }
 
 

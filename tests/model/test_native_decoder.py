@@ -1,7 +1,7 @@
 """The native decoder stack (worker/engine/native_decoder.py, csrc/decoder.cpp) against the
-modules' Python: on the demo model and a tiny Qwen2 (q/k/v biases), every step of a staggered,
-chunked, preempting run gives bit-identical logits both ways, in float32 and bfloat16; and it
-stays off where a part of the model would take a torch path."""
+modules' Python: on the demo model, a tiny Qwen2 (q/k/v biases) and a tiny Qwen3 (q/k norms),
+every step of a staggered, chunked, preempting run gives bit-identical logits both ways, in
+float32 and bfloat16; and it stays off where a part of the model would take a torch path."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def demo_engine(path, dtype: str) -> LLMEngine:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("model", ["demo", "qwen2-head64"])
+@pytest.mark.parametrize("model", ["demo", "qwen2-head64", "qwen3-head64"])
 def test_native_stack_equals_the_modules_bit_for_bit(demo_model_dir, tiny_models, model, dtype):
     engine = demo_engine(demo_model_dir if model == "demo" else tiny_models[model], dtype)
     runner = engine.runner
@@ -70,6 +70,6 @@ def test_the_stack_runs_only_where_every_part_is_native(demo_model_dir, tiny_mod
     monkeypatch.setenv("SPINDLE_NATIVE_DECODER", "0")
     assert NativeDecoder.build(runner.model, runner.backend) is None
     monkeypatch.delenv("SPINDLE_NATIVE_DECODER")
-    for arch in ("llama", "qwen3"):  # head size 32 (no native attention); qwen3's q/k norms
+    for arch in ("llama", "qwen3"):  # heads 32 wide: the native attention kernels take 64 and 128
         tiny = LLMEngine(EngineConfig(model=str(tiny_models[arch]), dtype="float32"))
         assert tiny.runner.native_decoder is None, arch

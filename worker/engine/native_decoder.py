@@ -1,13 +1,15 @@
 """The decoder stack in one native call on the CPU (worker/kernels/csrc/decoder.cpp): for the
-Llama family (Llama, Mistral, SmolLM2, Qwen2) with spindle's kernels behind every layer, a step's
-layers run in C++ — the same kernels, in the same order, on the same tensors as the modules'
-`forward`, so the outputs are identical — without ~100 us of Python per layer between them.
+Llama family (Llama, Mistral, SmolLM2, Qwen2, Qwen3) with spindle's kernels behind every layer,
+a step's layers run in C++ — the same kernels, in the same order, on the same tensors as the
+modules' `forward`, so the outputs are identical — without ~100 us of Python per layer between
+them. Qwen3's per-head q/k norms run as RMSNorm runs them (the fused kernel on a contiguous view,
+torch's ops otherwise).
 
 Measured on a 2-core Zen 4, SmolLM2-135M, a 32-row decode step spent ~3 ms of its 41 (bf16) or 76
 (fp32) ms in the modules' Python. `build` returns None wherever any part would take a torch path
-instead (no kernels, a linear oneDNN packs, q/k norms (Qwen3), tensor parallelism, a head size
-the attention kernels do not handle); `handles` turns down steps whose prompt chunks the native
-prefill kernel does not take. `SPINDLE_NATIVE_DECODER=0` keeps the modules' Python, to compare.
+instead (no kernels, a linear oneDNN packs, tensor parallelism, a head size the attention kernels
+do not handle); `handles` turns down steps whose prompt chunks the native prefill kernel does
+not take. `SPINDLE_NATIVE_DECODER=0` keeps the modules' Python, to compare.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class NativeDecoder:
                 attn.attn.kv_cache,
                 attn.rotary_emb.cos_cache,
                 attn.rotary_emb.sin_cache,
+                attn.q_norm.weight if attn.q_norm is not None else None,
+                attn.k_norm.weight if attn.k_norm is not None else None,
             )
         return NativeDecoder(model, stack)
 
@@ -108,8 +112,12 @@ def _linear(module: PackableLinear) -> tuple[torch.Tensor, str, torch.Tensor | N
 def _layer_qualifies(layer: Any) -> bool:
     """A Llama-style block whose every part has a native kernel."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or getattr(attn, "q_norm", None) is not None:
+    if attn is None or mlp is None:
         return False
+    eps = layer.input_layernorm.eps
+    head_norms = [n for n in (attn.q_norm, attn.k_norm) if n is not None]
+    if len(head_norms) not in (0, 2) or any(n.eps != eps for n in head_norms):
+        return False  # the stack takes one eps for every norm
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if not all(isinstance(m, PackableLinear) and m.native is not None for m in linears):
         return False

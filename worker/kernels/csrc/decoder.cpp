@@ -67,7 +67,38 @@ struct DecoderLayer {
   at::Tensor input_norm, post_attention_norm;
   NativeLinearWeight qkv, o, gate_up, down;
   at::Tensor kv_cache, k_cache, v_cache, cos_cache, sin_cache;
+  at::Tensor q_norm, k_norm;  // Qwen3's RMSNorm over each query / key head, or undefined
 };
+
+// RMSNorm of each head of a [tokens, heads, head_dim] view of the fused projection, as RMSNorm
+// does it (worker/layers/norm.py), so the result is the same bit for bit: the fused kernel where
+// the view is contiguous (one token), else torch's ops.
+at::Tensor head_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (x.is_contiguous() && x.scalar_type() == weight.scalar_type()) {
+    return rms_norm(x, weight, eps);
+  }
+  at::Tensor x32 = x.to(at::kFloat);
+  x32 = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * x32.to(x.scalar_type());
+}
+
+// The sdpa backend's write_cache: the native kernel for K and V rows with their heads packed
+// and one row stride, else index_copy_ per cache (after Qwen3's norms K is its own tensor).
+void write_kv(at::Tensor kv_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping) {
+  const auto heads_packed = [](const at::Tensor& x) {
+    return x.stride(-1) == 1 && x.stride(-2) == x.size(-1);
+  };
+  if (heads_packed(k) && heads_packed(v) && k.stride(0) == v.stride(0)) {
+    write_kv_cache_(kv_cache, k, v, slot_mapping);
+    return;
+  }
+  const int64_t kv_heads = kv_cache.size(1), head_dim = kv_cache.size(-1);
+  kv_cache.select(0, 0).view({kv_heads, -1, head_dim}).index_copy_(1, slot_mapping,
+                                                                  k.transpose(0, 1));
+  kv_cache.select(0, 1).view({kv_heads, -1, head_dim}).index_copy_(1, slot_mapping,
+                                                                  v.transpose(0, 1));
+}
 
 }  // namespace
 
@@ -86,7 +117,8 @@ class NativeDecoder {
 
   // One layer's weights, as its modules hold them: packed linear weights with the name of their
   // kernel ("amx", "dpbf16", "avx512"), the norms' weights, the layer's KV cache
-  // ([2, kv_heads, blocks, block_size, head_dim]) and its rotary tables.
+  // ([2, kv_heads, blocks, block_size, head_dim]), its rotary tables and, for Qwen3, the weights
+  // of its per-head q and k norms (same eps as the others).
   void add_layer(const at::Tensor& input_norm, const at::Tensor& post_attention_norm,
                  const at::Tensor& qkv, const std::string& qkv_kind,
                  const c10::optional<at::Tensor>& qkv_bias, const at::Tensor& o,
@@ -94,14 +126,18 @@ class NativeDecoder {
                  const at::Tensor& gate_up, const std::string& gate_up_kind,
                  const at::Tensor& down, const std::string& down_kind,
                  const c10::optional<at::Tensor>& down_bias, const at::Tensor& kv_cache,
-                 const at::Tensor& cos_cache, const at::Tensor& sin_cache) {
+                 const at::Tensor& cos_cache, const at::Tensor& sin_cache,
+                 const c10::optional<at::Tensor>& q_norm,
+                 const c10::optional<at::Tensor>& k_norm) {
     TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2, "a head-major paged KV cache");
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
     layers_.push_back(DecoderLayer{
         input_norm, post_attention_norm, linear_weight(qkv, qkv_kind, qkv_bias, true),
         linear_weight(o, o_kind, o_bias, false),
         linear_weight(gate_up, gate_up_kind, c10::nullopt, false),
         linear_weight(down, down_kind, down_bias, false), kv_cache, kv_cache.select(0, 0),
-        kv_cache.select(0, 1), cos_cache, sin_cache});
+        kv_cache.select(0, 1), cos_cache, sin_cache,
+        q_norm.has_value() ? *q_norm : at::Tensor(), k_norm.has_value() ? *k_norm : at::Tensor()});
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -170,9 +206,12 @@ class NativeDecoder {
     at::Tensor k = qkv.narrow(-1, q_size, kv_size).view({tokens, num_kv_heads_, head_dim_});
     const at::Tensor v =
         qkv.narrow(-1, q_size + kv_size, kv_size).view({tokens, num_kv_heads_, head_dim_});
+    if (layer.q_norm.defined()) {
+      q = head_rms_norm(q, layer.q_norm, eps_);
+      k = head_rms_norm(k, layer.k_norm, eps_);
+    }
     rotary_(q, k, step.positions, layer.cos_cache, layer.sin_cache);
-    at::Tensor kv_cache = layer.kv_cache;  // a handle: the kernel writes the layer's cache
-    write_kv_cache_(kv_cache, k, v, step.slot_mapping);
+    write_kv(layer.kv_cache, k, v, step.slot_mapping);
     if (step.decodes_only) {
       return paged_decode(q, layer.k_cache, layer.v_cache, step.decode_tables, step.decode_lens,
                           scale_);
