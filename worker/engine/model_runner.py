@@ -69,9 +69,7 @@ class ModelRunner:
         self.scratch_block = self.num_blocks  # one block past the scheduler's: see _allocate
         self._allocate_kv_cache()
         self.decode_graphs = self._decode_graphs(config, parallel, max_positions)
-        self.native_decoder = (
-            NativeDecoder.build(self.model, self.backend) if self.device.type == "cpu" else None
-        )
+        self.native_decoder = NativeDecoder.build(self.model, self.backend)  # CPU kernels only
         log.info(
             "model ready: %s on %s (%s), attention %s, %d packed weights, "
             "KV cache %d blocks x %d tokens",

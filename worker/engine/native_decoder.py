@@ -41,7 +41,7 @@ class NativeDecoder:
         layers = list(getattr(inner, "layers", []))
         if not layers or not all(_layer_qualifies(layer) for layer in layers):
             return None
-        if inner.embed_tokens.parallel.world_size != 1:
+        if inner.embed_tokens.parallel.world_size != 1 or inner.norm.eps != _eps(layers[0]):
             return None
         attention = layers[0].self_attn
         head_dim = attention.head_dim
@@ -56,7 +56,7 @@ class NativeDecoder:
             attention.attn.num_heads,
             attention.attn.num_kv_heads,
             head_dim,
-            layers[0].input_layernorm.eps,
+            _eps(layers[0]),
             attention.attn.scale,
             inner.norm.weight,
         )
@@ -109,14 +109,18 @@ def _linear(module: PackableLinear) -> tuple[torch.Tensor, str, torch.Tensor | N
     return module.packed_weight, module.native.name, getattr(module, "bias", None)
 
 
+def _eps(layer: Any) -> float:
+    return layer.input_layernorm.eps
+
+
 def _layer_qualifies(layer: Any) -> bool:
     """A Llama-style block whose every part has a native kernel."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None:
         return False
-    eps = layer.input_layernorm.eps
     head_norms = [n for n in (attn.q_norm, attn.k_norm) if n is not None]
-    if len(head_norms) not in (0, 2) or any(n.eps != eps for n in head_norms):
+    norms = [layer.post_attention_layernorm, *head_norms]
+    if len(head_norms) not in (0, 2) or any(n.eps != _eps(layer) for n in norms):
         return False  # the stack takes one eps for every norm
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if not all(isinstance(m, PackableLinear) and m.native is not None for m in linears):
@@ -126,5 +130,5 @@ def _layer_qualifies(layer: Any) -> bool:
     if any(m.parallel.world_size != 1 for m in linears):
         return False
     dtype = attn.attn.kv_cache.dtype
-    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    return all(w.dtype == dtype for w in norms) and attn.attn.kv_cache.dim() == 5
+    weights = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    return all(w.dtype == dtype for w in weights) and attn.attn.kv_cache.dim() == 5
