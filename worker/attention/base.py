@@ -31,6 +31,18 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
 
 
+@dataclass
+class SampledRows:
+    """The rows of a step that sample (each sampling sequence's last token), for a step where
+    others do not: the models run their last layer past its K/V projection on these rows only,
+    since no later layer reads the others' outputs and no logits are taken from them. `meta`
+    describes the rows as one-token queries, each against its whole sequence's cache (a decode
+    step's metadata), so any backend serves that layer's attention."""
+
+    rows: torch.Tensor  # [sampled]: indices into the step's tokens (`logits_indices`)
+    meta: AttentionMetadata | None  # None when no row samples (only mid-prompt chunks)
+
+
 class AttentionBackend(ABC):
     name: str = ""
     block_size: int = 16

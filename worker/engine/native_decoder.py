@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from common.settings import env_switch
-from worker.attention.base import AttentionMetadata
+from worker.attention.base import AttentionMetadata, SampledRows
 from worker.attention.sdpa import SdpaBackend, SdpaMetadata
 from worker.layers.linear import PackableLinear
 
@@ -86,10 +86,24 @@ class NativeDecoder:
         )
 
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sampled: SampledRows | None = None,
     ) -> torch.Tensor:
+        """As the model's forward: every row's final hidden state, or the `sampled` rows'."""
         assert isinstance(meta, SdpaMetadata)
         tables = meta.prefill_tables
+        rows: tuple[torch.Tensor | None, ...] = (None, None, None)
+        if sampled is not None:
+            decode = sampled.meta
+            assert decode is None or isinstance(decode, SdpaMetadata)
+            rows = (
+                sampled.rows,
+                decode.decode_block_tables if decode else None,
+                decode.decode_context_lens if decode else None,
+            )
         return self.stack.forward(
             self.embed_tokens(input_ids),
             positions,
@@ -101,6 +115,7 @@ class NativeDecoder:
             tables.starts if tables else None,
             tables.query_lens if tables else None,
             tables.context_lens if tables else None,
+            *rows,
         )
 
 

@@ -34,3 +34,13 @@ class Attention(nn.Module):
             self.scale,
         )
         return out.reshape(tokens, self.num_heads * self.head_dim)
+
+    def write_cache(self, k: torch.Tensor, v: torch.Tensor, attn_meta: AttentionMetadata) -> None:
+        """Store K/V at the step's slots without attending (what `forward` does first)."""
+        tokens = k.shape[0]
+        attn_meta.backend.write_cache(
+            self.kv_cache,
+            k.view(tokens, self.num_kv_heads, self.head_dim),
+            v.view(tokens, self.num_kv_heads, self.head_dim),
+            attn_meta.slot_mapping,
+        )

@@ -15,8 +15,10 @@ class CausalLM(Protocol):
     """What the model runner needs of every architecture."""
 
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta
-    ) -> torch.Tensor: ...
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta, sampled=None
+    ) -> torch.Tensor:
+        """Final hidden states of every token, or with `sampled` (SampledRows) of those rows
+        only: the last layer runs on them alone past its K/V projection."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 

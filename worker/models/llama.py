@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.attention.base import AttentionMetadata
+from worker.attention.base import AttentionMetadata, SampledRows
 from worker.layers.attention import Attention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import GateUpParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -46,14 +46,26 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, attn_meta: AttentionMetadata
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        attn_meta: AttentionMetadata,
+        sampled: SampledRows | None = None,
     ) -> torch.Tensor:
+        """Every row's attention output; with `sampled`, every row's K/V is stored but only the
+        sampled rows attend (the last layer: see SampledRows)."""
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.q_size // self.head_dim, self.head_dim)
         k = k.reshape(-1, self.kv_size // self.head_dim, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
+        if sampled is not None:
+            self.attn.write_cache(k, v, attn_meta)
+            if sampled.meta is None:  # no row samples
+                return hidden.new_empty((0, hidden.shape[-1]))
+            q, k, v = q[sampled.rows], k[sampled.rows], v[sampled.rows]
+            attn_meta = sampled.meta
         return self.o_proj(self.attn(q, k, v, attn_meta))
 
 
@@ -76,12 +88,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, attn_meta):
+    def forward(self, positions, hidden, residual, attn_meta, sampled=None):
+        """(MLP output, residual) of every row, or of the `sampled` rows only."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, attn_meta)
+        hidden = self.self_attn(positions, hidden, attn_meta, sampled)
+        if sampled is not None:
+            residual = residual[sampled.rows]
+            if sampled.meta is None:
+                return hidden, residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -96,10 +113,14 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, positions, attn_meta):
+    def forward(self, input_ids, positions, attn_meta, sampled=None):
         hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, attn_meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            rows = sampled if i == last else None
+            hidden, residual = layer(positions, hidden, residual, attn_meta, rows)
+        if hidden.shape[0] == 0:
+            return hidden
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -128,9 +149,14 @@ class LlamaForCausalLM(nn.Module):
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_meta: AttentionMetadata,
+        sampled: SampledRows | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, attn_meta)
+        """Final-normed hidden states of every token, or with `sampled` of those rows only."""
+        return self.model(input_ids, positions, attn_meta, sampled)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -132,6 +132,27 @@ class StepMessage:
             self.slot_mapping,
         )
 
+    def sampled_batch(self) -> StepBatch | None:
+        """The sampling rows as a decode step: one query token per sampling sequence against
+        the context it has after this step. None when every row samples (a decode step)."""
+        if self.logits_indices.numel() == self.input_ids.numel():
+            return None
+        last_rows, end = [], 0
+        for query_len in self.query_lens:
+            end += query_len
+            last_rows.append(end - 1)
+        sampling = set(self.logits_indices.tolist())
+        chosen = [i for i, row in enumerate(last_rows) if row in sampling]
+        if len(chosen) != len(sampling):
+            raise ValueError("a step may only sample the last row of a sequence")
+        return StepBatch(
+            [1] * len(chosen),
+            [self.context_lens[i] for i in chosen],
+            [self.block_tables[i] for i in chosen],
+            len(chosen),
+            self.slot_mapping[self.logits_indices],
+        )
+
 
 def broadcast_payload(header: StepHeader, payload: torch.Tensor | None, device) -> torch.Tensor:
     """Rank 0 passes its payload; the other ranks pass None and receive one."""

@@ -144,7 +144,10 @@ class NativeDecoder {
 
   // The stack over one step's embedded tokens, `hidden` [tokens, hidden_size]: the first
   // `num_decodes` rows are decodes (decode_tables / decode_lens describe them), the rest prompt
-  // chunks (prefill_* as the sdpa backend's PrefillTables). Returns the final-normed hidden.
+  // chunks (prefill_* as the sdpa backend's PrefillTables). Returns the final-normed hidden of
+  // every row or, given `sampled_rows` (with their decode-style tables and context lengths), of
+  // those rows only: the last layer stores every row's K/V but runs the rest on them alone, as
+  // LlamaModel does with SampledRows.
   at::Tensor forward(at::Tensor hidden, const at::Tensor& positions,
                      const at::Tensor& slot_mapping, int64_t num_decodes,
                      const c10::optional<at::Tensor>& decode_tables,
@@ -152,7 +155,10 @@ class NativeDecoder {
                      const c10::optional<at::Tensor>& prefill_tables,
                      const c10::optional<at::Tensor>& prefill_starts,
                      const c10::optional<at::Tensor>& prefill_lens,
-                     const c10::optional<at::Tensor>& prefill_context_lens) {
+                     const c10::optional<at::Tensor>& prefill_context_lens,
+                     const c10::optional<at::Tensor>& sampled_rows,
+                     const c10::optional<at::Tensor>& sampled_tables,
+                     const c10::optional<at::Tensor>& sampled_lens) {
     const int64_t tokens = hidden.size(0);
     const bool decodes_only = num_decodes == tokens;
     TORCH_CHECK(num_decodes == 0 || (decode_tables.has_value() && decode_lens.has_value()),
@@ -167,6 +173,11 @@ class NativeDecoder {
                     decodes_only,        tensor(decode_tables), tensor(decode_lens),
                     tensor(prefill_tables), tensor(prefill_starts), tensor(prefill_lens),
                     tensor(prefill_context_lens)};
+    const Sampled sampled{sampled_rows.has_value(), tensor(sampled_rows), tensor(sampled_tables),
+                          tensor(sampled_lens)};
+    TORCH_CHECK(!sampled.only || (sampled.tables.defined() && sampled.lens.defined()) ||
+                    sampled.rows.numel() == 0,
+                "sampled rows need their block tables and context lengths");
     at::Tensor residual;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const DecoderLayer& layer = layers_[i];
@@ -176,8 +187,15 @@ class NativeDecoder {
       } else {
         add_rms_norm_(hidden, residual, layer.input_norm, eps_);
       }
-      const at::Tensor attended = attention(layer, hidden, step);
-      hidden = layer.o(attended.reshape({tokens, num_heads_ * head_dim_}));
+      at::Tensor attended;
+      if (sampled.only && i + 1 == layers_.size()) {
+        attended = sampled_attention(layer, hidden, step, sampled);
+        residual = residual.index_select(0, sampled.rows);
+        if (sampled.rows.numel() == 0) return residual;
+      } else {
+        attended = attention(layer, hidden, step);
+      }
+      hidden = layer.o(attended.reshape({attended.size(0), num_heads_ * head_dim_}));
       add_rms_norm_(hidden, residual, layer.post_attention_norm, eps_);
       hidden = layer.down(layer.gate_up.silu_mul(hidden));
     }
@@ -194,11 +212,14 @@ class NativeDecoder {
     at::Tensor prefill_tables, prefill_starts, prefill_lens, prefill_context_lens;
   };
 
-  // As LlamaAttention.forward with the sdpa backend's native paths: q/k/v views of the fused
-  // projection, rotary in place, the K/V written to the cache, then decode attention for the
-  // decode rows and the prefill kernel for the prompt rows.
-  at::Tensor attention(const DecoderLayer& layer, const at::Tensor& hidden,
-                       const Step& step) const {
+  struct Sampled {  // the rows the last layer runs on past its K/V (SampledRows)
+    bool only;
+    at::Tensor rows, tables, lens;
+  };
+
+  // The queries of a layer's step, after its K/V went to the cache.
+  at::Tensor project_and_store(const DecoderLayer& layer, const at::Tensor& hidden,
+                               const Step& step) const {
     const int64_t tokens = hidden.size(0);
     const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     const at::Tensor qkv = layer.qkv(hidden);
@@ -212,6 +233,25 @@ class NativeDecoder {
     }
     rotary_(q, k, step.positions, layer.cos_cache, layer.sin_cache);
     write_kv(layer.kv_cache, k, v, step.slot_mapping);
+    return q;
+  }
+
+  // The last layer's attention for the sampled rows alone, each a one-token query against its
+  // sequence's cache (the sdpa backend's decode path on the SampledRows metadata).
+  at::Tensor sampled_attention(const DecoderLayer& layer, const at::Tensor& hidden,
+                               const Step& step, const Sampled& sampled) const {
+    const at::Tensor q = project_and_store(layer, hidden, step).index_select(0, sampled.rows);
+    if (sampled.rows.numel() == 0) return q;
+    return paged_decode(q, layer.k_cache, layer.v_cache, sampled.tables, sampled.lens, scale_);
+  }
+
+  // As LlamaAttention.forward with the sdpa backend's native paths: q/k/v views of the fused
+  // projection, rotary in place, the K/V written to the cache, then decode attention for the
+  // decode rows and the prefill kernel for the prompt rows.
+  at::Tensor attention(const DecoderLayer& layer, const at::Tensor& hidden,
+                       const Step& step) const {
+    const int64_t tokens = hidden.size(0);
+    const at::Tensor q = project_and_store(layer, hidden, step);
     if (step.decodes_only) {
       return paged_decode(q, layer.k_cache, layer.v_cache, step.decode_tables, step.decode_lens,
                           scale_);
