@@ -8,7 +8,8 @@
 // order), each thread takes a contiguous range
 // of column blocks, and the B tiles a few K steps ahead are prefetched while the tiles multiply.
 // x rows are A tiles read in place (16 rows x 32 elements); a partial last group of 16 rows is
-// copied into a zero-padded buffer once per call. Each 32x32 output block accumulates in four
+// copied into a zero-padded buffer once per call (copying all of x to pad it cost a prompt step
+// of 2,078 rows ~1 ms per 1536-wide product: a third of the product). Each 32x32 output block accumulates in four
 // fp32 C tiles over all of K, gets the bias in fp32 and is rounded to bf16 once, as oneDNN does.
 // Larger batches (prefill) loop rows in chunks of M_CHUNK inside each column block so the block's
 // weights stay in cache while every row passes.
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 namespace {
 
@@ -43,9 +45,10 @@ using spindle_amx::configure_tiles;
 // tmm0-3: the C tiles of a 32x32 output block (rows 0-15 / 16-31 x columns 0-15 / 16-31),
 // tmm4-5: the two A tiles (16 rows x 32 bf16), tmm6-7: the two B tiles (16 pairs x 16 columns).
 //
-// One 32-column block times `row_groups` (1 or 2) groups of 16 rows of x, over all of K.
+// One 32-column block times one or two groups of 16 rows of x (`a1` null for one), over all of
+// K.
 template <bool PREFETCH>
-void multiply_block(const char* a, int64_t lda, const char* b, int64_t k_steps, int row_groups) {
+void multiply_block(const char* a0, const char* a1, int64_t lda, const char* b, int64_t k_steps) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -58,11 +61,11 @@ void multiply_block(const char* a, int64_t lda, const char* b, int64_t k_steps, 
     }
     _tile_loadd(6, b_step, 64);
     _tile_loadd(7, b_step + 1024, 64);
-    _tile_loadd(4, a + step * 64, lda);
+    _tile_loadd(4, a0 + step * 64, lda);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
-    if (row_groups == 2) {
-      _tile_loadd(5, a + 16 * lda + step * 64, lda);
+    if (a1 != nullptr) {
+      _tile_loadd(5, a1 + step * 64, lda);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -79,14 +82,33 @@ void tiles_to_floats(float (*c)[32], int64_t rows) {
   }
 }
 
-// x's rows, padded with zero rows to a multiple of 16 (A tiles read 16 rows).
-at::Tensor padded_rows(const spindle_linear::LinearCall& call) {
-  const int64_t m = call.m();
-  if (m % 16 == 0) return call.rows;
-  at::Tensor rows = at::zeros({(m + 15) / 16 * 16, call.rows.size(1)}, call.rows.options());
-  rows.narrow(0, 0, m).copy_(call.rows);
-  return rows;
-}
+// x's rows as groups of 16 for A tiles: in place, but for a partial last group, which is copied
+// into a zero-padded 16-row buffer (A tiles read 16 rows).
+class RowGroups {
+ public:
+  explicit RowGroups(const at::Tensor& rows)
+      : rows_(rows), full_(rows.size(0) / 16 * 16), lda_(rows.size(1) * 2) {
+    if (full_ < rows.size(0)) {
+      tail_ = at::zeros({16, rows.size(1)}, rows.options());
+      tail_.narrow(0, 0, rows.size(0) - full_).copy_(rows.narrow(0, full_, rows.size(0) - full_));
+    }
+  }
+  int64_t lda() const { return lda_; }
+  // Rows [r, r + 16) (r a multiple of 16 below m).
+  const char* group(int64_t r) const {
+    const at::Tensor& source = r < full_ ? rows_ : tail_;
+    return reinterpret_cast<const char*>(source.data_ptr<at::BFloat16>()) +
+           (r < full_ ? r : 0) * lda_;
+  }
+  // The groups for a pass over rows [r0, r0 + live), live <= 32: the second null for one.
+  std::pair<const char*, const char*> pair(int64_t r0, int64_t live) const {
+    return {group(r0), live > 16 ? group(r0 + 16) : nullptr};
+  }
+
+ private:
+  at::Tensor rows_, tail_;
+  int64_t full_, lda_;
+};
 
 #endif  // SPINDLE_AMX
 
@@ -111,12 +133,11 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, bias);
   const int64_t m = call.m();
   if (m == 0) return call.result();
-  const at::Tensor rows = padded_rows(call);
+  const RowGroups a(call.rows);
   const float* bias_ptr = call.bias_data();
-  const char* a = reinterpret_cast<const char*>(rows.data_ptr<at::BFloat16>());
   const char* b = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
   at::BFloat16* y = call.out.data_ptr<at::BFloat16>();
-  const int64_t lda = k * 2, k_steps = k / BLOCK;
+  const int64_t lda = a.lda(), k_steps = k / BLOCK;
   spindle_pool::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float c[32][BLOCK];
@@ -127,11 +148,11 @@ at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
         const float* block_bias = bias_ptr ? bias_ptr + nb * BLOCK : nullptr;
         for (int64_t r0 = chunk; r0 < chunk_end; r0 += 32) {
           const int64_t live = std::min<int64_t>(32, chunk_end - r0);
-          const int groups = live > 16 ? 2 : 1;
+          const auto [a0, a1] = a.pair(r0, live);
           if (r0 == chunk)  // the block's first pass reads it from memory: prefetch ahead
-            multiply_block<true>(a + r0 * lda, lda, block, k_steps, groups);
+            multiply_block<true>(a0, a1, lda, block, k_steps);
           else
-            multiply_block<false>(a + r0 * lda, lda, block, k_steps, groups);
+            multiply_block<false>(a0, a1, lda, block, k_steps);
           tiles_to_floats(c, live);
           spindle_bf16::store_block(y + r0 * n + nb * BLOCK, n, live, c, block_bias);
         }
@@ -156,11 +177,10 @@ at::Tensor linear_amx_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, c10::nullopt);
   const int64_t m = call.m();
   if (m == 0) return call.result();
-  const at::Tensor rows = padded_rows(call);
-  const char* a = reinterpret_cast<const char*>(rows.data_ptr<at::BFloat16>());
+  const RowGroups a(call.rows);
   const char* b = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
   at::BFloat16* y = call.out.data_ptr<at::BFloat16>();
-  const int64_t lda = k * 2, k_steps = k / BLOCK, block_bytes = k_steps * BLOCK_BYTES;
+  const int64_t lda = a.lda(), k_steps = k / BLOCK, block_bytes = k_steps * BLOCK_BYTES;
   spindle_pool::parallel_for(0, n / BLOCK, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float gate[32][32], up[32][32];
@@ -170,15 +190,15 @@ at::Tensor linear_amx_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
         const char* gate_block = b + 2 * nb * block_bytes;
         for (int64_t r0 = chunk; r0 < chunk_end; r0 += 32) {
           const int64_t live = std::min<int64_t>(32, chunk_end - r0);
-          const int groups = live > 16 ? 2 : 1;
+          const auto [a0, a1] = a.pair(r0, live);
           if (r0 == chunk) {
-            multiply_block<true>(a + r0 * lda, lda, gate_block, k_steps, groups);
+            multiply_block<true>(a0, a1, lda, gate_block, k_steps);
             tiles_to_floats(gate, live);
-            multiply_block<true>(a + r0 * lda, lda, gate_block + block_bytes, k_steps, groups);
+            multiply_block<true>(a0, a1, lda, gate_block + block_bytes, k_steps);
           } else {
-            multiply_block<false>(a + r0 * lda, lda, gate_block, k_steps, groups);
+            multiply_block<false>(a0, a1, lda, gate_block, k_steps);
             tiles_to_floats(gate, live);
-            multiply_block<false>(a + r0 * lda, lda, gate_block + block_bytes, k_steps, groups);
+            multiply_block<false>(a0, a1, lda, gate_block + block_bytes, k_steps);
           }
           tiles_to_floats(up, live);
           spindle_bf16::store_gated_block(y + r0 * n + nb * BLOCK, n, live, gate, up);
