@@ -15,7 +15,18 @@ from worker.attention.sdpa import SdpaBackend
 
 BLOCK = SdpaBackend.block_size
 # (tokens already cached, tokens computed this step); the first two are decodes.
-SEQUENCES = [(40, 1), (16, 1), (0, 1), (0, 7), (0, 16), (0, 17), (16, 16), (33, 50), (0, 300), (600, 90)]
+SEQUENCES = [
+    (40, 1),
+    (16, 1),
+    (0, 1),
+    (0, 7),
+    (0, 16),
+    (0, 17),
+    (16, 16),
+    (33, 50),
+    (0, 300),
+    (600, 90),
+]
 LAYOUTS = [(9, 3, 64), (8, 2, 128), (4, 4, 64), (32, 1, 64), (6, 2, 48)]  # 48: SDPA path only
 
 
