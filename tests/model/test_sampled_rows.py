@@ -11,8 +11,7 @@ import torch
 
 from common.protocol import SamplingParams
 from tests.model.test_engine_exact import run_staggered
-from worker.engine.config import EngineConfig
-from worker.engine.engine import LLMEngine
+from tests.model.test_native_decoder import demo_engine
 from worker.parallel.step_message import StepMessage
 
 
@@ -56,15 +55,8 @@ def test_sampled_batch_refuses_a_row_that_is_not_a_sequence_end():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["modules", "native"])
 def test_trimmed_last_layer_gives_the_full_layers_logits_and_cache(demo_model_dir, path):
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(demo_model_dir),
-            dtype="float32",
-            max_total_tokens=512,
-            max_batch_total_tokens=512,
-            max_batch_prefill_tokens=96,  # a 300-token prompt alone: steps where nothing samples
-        )
-    )
+    # chunks of 128: while the 300-token prompt is alone, steps where nothing samples
+    engine = demo_engine(demo_model_dir, "float32")
     runner = engine.runner
     if path == "native" and runner.native_decoder is None:
         pytest.skip("this CPU has no native float32 linear kernel")
