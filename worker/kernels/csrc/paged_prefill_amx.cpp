@@ -105,6 +105,17 @@ void load_query_tiles(const Scratch<HEAD_DIM>& s) {
   }
 }
 
+// K step STEP (32 dims) of a block's scores: query tile QUERY (tmm2-5, from load_query_tiles)
+// times the step's two key tiles, into C tiles 0 (keys 0-15) and 1 (keys 16-31). A macro, not a
+// function: GCC's AMX intrinsics paste the tile numbers into the asm, so they must be literals.
+#define SCORE_STEP(K_BLOCK, STEP, QUERY)                              \
+  do {                                                                \
+    _tile_loadd(6, (K_BLOCK) + (2 * (STEP)) * TILE_ELEMS, 64);        \
+    _tile_loadd(7, (K_BLOCK) + (2 * (STEP) + 1) * TILE_ELEMS, 64);    \
+    _tile_dpbf16ps(0, QUERY, 6);                                      \
+    _tile_dpbf16ps(1, QUERY, 7);                                      \
+  } while (0)
+
 // s.scores[16 rows][blocks x 32 keys] = q · k, unscaled, for every block: two C tiles per block,
 // the query's A tiles loaded once (load_query_tiles), the keys' B tiles streamed.
 template <int64_t HEAD_DIM>
@@ -116,23 +127,11 @@ void all_scores(Scratch<HEAD_DIM>& s, int64_t blocks) {
     const uint16_t* k = s.keys.data() + block * S::BLOCK_ELEMS;
     _tile_zero(0);
     _tile_zero(1);
-    _tile_loadd(6, k, 64);
-    _tile_loadd(7, k + TILE_ELEMS, 64);
-    _tile_dpbf16ps(0, 2, 6);
-    _tile_dpbf16ps(1, 2, 7);
-    _tile_loadd(6, k + 2 * TILE_ELEMS, 64);
-    _tile_loadd(7, k + 3 * TILE_ELEMS, 64);
-    _tile_dpbf16ps(0, 3, 6);
-    _tile_dpbf16ps(1, 3, 7);
+    SCORE_STEP(k, 0, 2);
+    SCORE_STEP(k, 1, 3);
     if constexpr (HEAD_DIM == 128) {
-      _tile_loadd(6, k + 4 * TILE_ELEMS, 64);
-      _tile_loadd(7, k + 5 * TILE_ELEMS, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_loadd(6, k + 6 * TILE_ELEMS, 64);
-      _tile_loadd(7, k + 7 * TILE_ELEMS, 64);
-      _tile_dpbf16ps(0, 5, 6);
-      _tile_dpbf16ps(1, 5, 7);
+      SCORE_STEP(k, 2, 4);
+      SCORE_STEP(k, 3, 5);
     }
     char* dst = reinterpret_cast<char*>(s.scores.data() + block * KEYS);
     _tile_stored(0, dst, ld);
