@@ -39,14 +39,14 @@ def products(native):
         found.append(
             ("f32 gated", torch.float32, native.pack_linear_f32_gated, native.linear_f32_silu_mul)
         )
-    if native.linear_dpbf16_supported(OUT, IN):
-        found.append(("bf16", torch.bfloat16, native.pack_linear_bf16, native.linear_dpbf16))
+    if native.linear_bf16_supported(OUT, IN):
+        found.append(("bf16", torch.bfloat16, native.pack_linear_bf16, native.linear_bf16))
         found.append(
             (
                 "bf16 gated",
                 torch.bfloat16,
                 native.pack_linear_bf16_gated,
-                native.linear_dpbf16_silu_mul,
+                native.linear_bf16_silu_mul,
             )
         )
     return found

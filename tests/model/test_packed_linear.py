@@ -1,6 +1,7 @@
-"""oneDNN-prepacked linear weights (worker/layers/linear.py): the packed product equals the plain
-one, the runner packs every projection and the LM head on the CPU, frees the plain copies it no
-longer needs, keeps a tied embedding, and leaves dtypes oneDNN cannot pack alone."""
+"""Packed linear weights (worker/layers/linear.py: spindle's kernels, else oneDNN): the packed
+product equals the plain one, the runner packs every projection and the LM head on the CPU, frees
+the plain copies it no longer needs, keeps a tied embedding, and leaves dtypes neither packs
+alone."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from worker.layers.linear import (
     GateUpParallelLinear,
     PackableLinear,
     RowParallelLinear,
+    onednn_can_pack,
     weight_bytes,
 )
 
@@ -33,6 +35,10 @@ def test_packed_product_equals_plain(dtype, tolerance, layer_class, rows):
     x = torch.randn(rows, 96, generator=gen).to(dtype)
     expected = layer(x)
 
+    if not onednn_can_pack(layer.weight):  # bf16 on a CPU without AVX-512: nothing packs 80 x 96
+        assert not layer.pack() and layer.packed_weight is None
+        assert torch.equal(layer(x), expected)
+        return
     assert layer.pack()
     assert layer.weight.numel() == 0  # the packed copy replaced it
     got = layer(x)
@@ -91,13 +97,14 @@ def test_a_tied_head_packs_a_copy_and_keeps_the_embedding(tmp_path):
 
 
 def bf16_kernels_here() -> list[str]:
-    """The bf16 products this build and CPU run: "amx" (AMX tiles), "dpbf16" (AVX512_BF16)."""
+    """The bf16 products this build and CPU run: "amx" (AMX tiles), "bf16" (AVX512_BF16 dot
+    products, else AVX2 FMAs)."""
     from worker.kernels import native_module
 
     native = native_module()
     if native is None:
         return []
-    kernels = {"amx": native.linear_amx_supported, "dpbf16": native.linear_dpbf16_supported}
+    kernels = {"amx": native.linear_amx_supported, "bf16": native.linear_bf16_supported}
     return [name for name, supported in kernels.items() if supported(32, 32)]
 
 
@@ -109,12 +116,12 @@ def bf16_kernels_here() -> list[str]:
                 name not in bf16_kernels_here(), reason=f"this CPU (or build) has no {name} product"
             ),
         )
-        for name in ("amx", "dpbf16")
+        for name in ("amx", "bf16")
     ]
 )
 def bf16_kernel(request, monkeypatch) -> str:
-    """Each bf16 kernel this CPU has in turn; an AMX CPU also runs the AVX512_BF16 one."""
-    if request.param == "dpbf16":
+    """Each bf16 kernel this CPU has in turn; an AMX CPU also runs the vector one."""
+    if request.param == "bf16":
         monkeypatch.setenv("SPINDLE_AMX_LINEAR", "0")
     return request.param
 
@@ -158,7 +165,9 @@ def test_the_bf16_product_takes_any_leading_shape_and_strided_rows(bf16_kernel):
 
 def test_weights_off_the_32_grid_stay_with_onednn(bf16_kernel):
     odd = ColumnParallelLinear(96, 80).to(torch.bfloat16)
-    assert odd.pack() and odd.native is None and odd.packed_weight is not None
+    # oneDNN multiplies bf16 only with AVX-512; elsewhere the weight stays plain (F.linear)
+    assert odd.pack() == onednn_can_pack(odd.weight) and odd.native is None
+    assert (odd.packed_weight is not None) == onednn_can_pack(odd.weight)
     odd = ColumnParallelLinear(96, 80)
     assert odd.pack() and odd.native is None and odd.packed_weight is not None
 
@@ -170,10 +179,10 @@ def f32_native():
     return native if native is not None and native.linear_f32_supported(32, 32) else None
 
 
-@pytest.mark.skipif(f32_native() is None, reason="no AVX-512 here: linear_f32 is not built")
+@pytest.mark.skipif(f32_native() is None, reason="no AVX-512 or AVX2 here: linear_f32 is not built")
 @pytest.mark.parametrize("rows", [0, 1, 11, 12, 13, 32, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_the_avx512_fp32_product_equals_the_exact_one(rows, with_bias):
+def test_the_native_fp32_product_equals_the_exact_one(rows, with_bias):
     gen = torch.Generator().manual_seed(rows)
     layer = ColumnParallelLinear(80, 96, bias=with_bias)
     layer.weight.copy_(torch.randn(96, 80, generator=gen))
@@ -183,7 +192,7 @@ def test_the_avx512_fp32_product_equals_the_exact_one(rows, with_bias):
     x = torch.randn(3, rows, 80, generator=gen)
 
     assert layer.pack()
-    assert layer.native is not None and layer.native.name == "avx512"
+    assert layer.native is not None and layer.native.name == "f32"
     assert layer.weight.numel() == 0
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (3, rows, 96)
@@ -219,18 +228,18 @@ def test_the_fused_gate_up_equals_product_then_activation(bf16_kernel, rows):
 def test_gate_up_without_a_fusing_kernel_applies_the_activation_after(monkeypatch):
     monkeypatch.setenv("SPINDLE_NATIVE_LINEAR", "0")  # oneDNN's packing: no fused kernel
     gen = torch.Generator().manual_seed(3)
-    layer = GateUpParallelLinear(96, 64).to(torch.bfloat16)
+    layer = GateUpParallelLinear(96, 64)  # float32: oneDNN packs it on any CPU
     layer.weight.copy_(torch.randn(128, 96, generator=gen) * 0.2)
-    x = torch.randn(5, 96, generator=gen).to(torch.bfloat16)
+    x = torch.randn(5, 96, generator=gen)
     expected = SiluAndMul()(layer(x))
-    assert layer.pack() and not layer.fused
+    assert layer.pack() and not layer.fused and layer.packed_weight is not None
     assert torch.equal(layer.silu_and_mul(x), expected)
 
 
-@pytest.mark.skipif(f32_native() is None, reason="no AVX-512 here: linear_f32 is not built")
+@pytest.mark.skipif(f32_native() is None, reason="no AVX-512 or AVX2 here: linear_f32 is not built")
 @pytest.mark.parametrize("rows", [0, 1, 11, 12, 13, 300])
 def test_the_fused_fp32_gate_up_equals_product_then_activation(rows):
-    """In float32 the fused kernel's SiLU(gate) * up is bit for bit the AVX-512 product followed by
+    """In float32 the fused kernel's SiLU(gate) * up is bit for bit the native product followed by
     SiluAndMul (same sums, same SiLU), and its plain product undoes the interleaving."""
     gen = torch.Generator().manual_seed(rows)
     layer = GateUpParallelLinear(96, 64)
@@ -241,7 +250,7 @@ def test_the_fused_fp32_gate_up_equals_product_then_activation(rows):
 
     assert reference.pack() and reference.native is not None
     assert layer.pack() and layer.fused and layer.weight.numel() == 0
-    assert layer.native is not None and layer.native.name == "avx512"
+    assert layer.native is not None and layer.native.name == "f32"
     unfused = reference(x)
     got = layer.silu_and_mul(x)
     assert got.shape == (rows, 64)

@@ -3,7 +3,8 @@ ninja) and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, defau
 ~/.cache/torch_extensions), so only the first process on a machine pays the ~1-2 min build;
 `scripts/bootstrap` builds them ahead (`python -m worker.kernels`).
 
-`linear_amx` (bf16 on AMX tiles) and `linear_f32` (AVX-512) are the linear layers' products
+`linear_amx` (bf16 on AMX tiles), `linear_bf16` (bf16 with AVX512_BF16 dot products, else AVX2
+FMAs) and `linear_f32` (AVX-512 or AVX2 FMAs) are the linear layers' products
 (worker/layers/linear.py packs their weights);
 `paged_decode` is decode attention and `paged_prefill_` causal attention of prompt chunks, both
 read in place from the paged KV cache; `write_kv_cache_` stores a step's K/V rows in it;

@@ -62,9 +62,15 @@ def packing_enabled() -> bool:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether oneDNN can hold `weight` prepacked: a CPU tensor of a dtype this CPU multiplies."""
+    """Whether `weight` can be held packed: a CPU tensor of a dtype that one of spindle's kernels
+    (`native_linear`) or oneDNN multiplies on this CPU."""
     if not (packing_enabled() and weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES):
         return False
+    return native_linear(weight) is not None or onednn_can_pack(weight)
+
+
+def onednn_can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN multiplies `weight`'s dtype here (bf16 needs AVX-512 at least)."""
     if not torch.backends.mkldnn.is_available():
         return False
     return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -74,20 +80,20 @@ class NativeLinear:
     """One of spindle's own linear products (worker/kernels): its packing and its product."""
 
     def __init__(self, native: Any, name: str) -> None:
-        self.name = name  # "amx" | "dpbf16" (bf16) | "avx512" (float32)
-        product = "f32" if name == "avx512" else name
-        layout = "f32" if name == "avx512" else "bf16"  # both bf16 products read one layout
+        self.name = name  # "amx" | "bf16" (bf16 on AMX tiles | vector units) | "f32" (float32)
+        layout = "f32" if name == "f32" else "bf16"  # both bf16 products read one layout
         self.pack = getattr(native, f"pack_linear_{layout}")
-        self.product = getattr(native, f"linear_{product}")
+        self.product = getattr(native, f"linear_{name}")
         # gate|up with the SiLU-and-multiply applied per output block (GateUpParallelLinear)
         self.pack_gated = getattr(native, f"pack_linear_{layout}_gated")
-        self.silu_mul = getattr(native, f"linear_{product}_silu_mul")
+        self.silu_mul = getattr(native, f"linear_{name}_silu_mul")
 
 
 def native_linear(weight: torch.Tensor) -> NativeLinear | None:
     """spindle's kernel for this CPU weight where one takes it, else None (oneDNN): bf16 on AMX
-    tiles or, without AMX (or with `SPINDLE_AMX_LINEAR=0`), with AVX512_BF16 dot products (dims
-    multiples of 32); float32 with AVX-512 (out dim a multiple of 32)."""
+    tiles or, without AMX (or with `SPINDLE_AMX_LINEAR=0`), the vector product — AVX512_BF16 dot
+    products, else AVX2 FMAs on widened weights (dims multiples of 32); float32 with AVX-512 or
+    AVX2 FMAs (out dim a multiple of 32)."""
     if weight.dim() != 2 or weight.dtype not in PACKABLE_DTYPES:
         return None
     if not env_switch("SPINDLE_NATIVE_LINEAR"):
@@ -96,13 +102,11 @@ def native_linear(weight: torch.Tensor) -> NativeLinear | None:
     if native is None:
         return None
     if weight.dtype == torch.float32:
-        return (
-            NativeLinear(native, "avx512") if native.linear_f32_supported(*weight.shape) else None
-        )
+        return NativeLinear(native, "f32") if native.linear_f32_supported(*weight.shape) else None
     if env_switch("SPINDLE_AMX_LINEAR") and native.linear_amx_supported(*weight.shape):
         return NativeLinear(native, "amx")
-    if native.linear_dpbf16_supported(*weight.shape):
-        return NativeLinear(native, "dpbf16")
+    if native.linear_bf16_supported(*weight.shape):
+        return NativeLinear(native, "bf16")
     return None
 
 

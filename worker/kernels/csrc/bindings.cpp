@@ -20,7 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, nogil, "residual += x; x = RMSNorm(residual), in place");
   m.def("rotary_", &rotary_, nogil, "rotary position embedding of q and k, in place (neox layout)");
   m.def("pack_linear_bf16", &pack_linear_bf16, nogil,
-        "a bf16 [out, in] weight in the layout linear_amx and linear_dpbf16 read");
+        "a bf16 [out, in] weight in the layout linear_amx and linear_bf16 read");
   m.def("pack_linear_bf16_gated", &pack_linear_bf16_gated, nogil,
         "a bf16 [2 x intermediate, in] gate|up weight, gate and up column blocks alternating");
   m.def("linear_amx_supported", &linear_amx_supported, "whether linear_amx takes this weight");
@@ -28,23 +28,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("linear_amx_silu_mul", &linear_amx_silu_mul, nogil,
         "SiLU(x G^T) * (x U^T) on AMX tiles from a weight packed by pack_linear_bf16_gated");
-  m.def("linear_dpbf16_supported", &linear_dpbf16_supported,
-        "whether linear_dpbf16 takes this weight");
-  m.def("linear_dpbf16", &linear_dpbf16, nogil,
-        "y = x W^T + b with AVX512_BF16 dot products from a packed bf16 weight", py::arg("x"),
+  m.def("linear_bf16_supported", &linear_bf16_supported,
+        "whether linear_bf16 takes this weight");
+  m.def("linear_bf16", &linear_bf16, nogil,
+        "y = x W^T + b with AVX512_BF16 dot products or AVX2 FMAs from a packed bf16 weight", py::arg("x"),
         py::arg("packed"), py::arg("bias") = py::none());
-  m.def("linear_dpbf16_silu_mul", &linear_dpbf16_silu_mul, nogil,
-        "SiLU(x G^T) * (x U^T) with AVX512_BF16 dot products, weight from pack_linear_bf16_gated");
+  m.def("linear_bf16_silu_mul", &linear_bf16_silu_mul, nogil,
+        "SiLU(x G^T) * (x U^T) on the vector units, weight from pack_linear_bf16_gated");
   m.def("linear_f32_supported", &linear_f32_supported, "whether linear_f32 takes this weight");
   m.def("pack_linear_f32", &pack_linear_f32, nogil,
         "a float32 [out, in] weight in linear_f32's layout");
   m.def("linear_f32", &linear_f32, nogil,
-        "y = x W^T + b with AVX-512 FMAs from a packed fp32 weight",
+        "y = x W^T + b with AVX-512 or AVX2 FMAs from a packed fp32 weight",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("pack_linear_f32_gated", &pack_linear_f32_gated, nogil,
         "a float32 [2 x intermediate, in] gate|up weight, gate and up column blocks alternating");
   m.def("linear_f32_silu_mul", &linear_f32_silu_mul, nogil,
-        "SiLU(x G^T) * (x U^T) with AVX-512 FMAs from a weight packed by pack_linear_f32_gated");
+        "SiLU(x G^T) * (x U^T) with FMAs from a weight packed by pack_linear_f32_gated");
   m.def("configure_pool", &spindle_pool::configure,
         "run the kernels on spindle's own threads (threads >= 2) or torch's (0)",
         py::arg("threads"), py::arg("speculate_all") = false, py::arg("spin_us") = 200);

@@ -15,12 +15,12 @@
 
 namespace {
 
-enum class LinearKind { kAmx, kDpbf16, kF32 };
+enum class LinearKind { kAmx, kBf16, kF32 };
 
 LinearKind linear_kind(const std::string& name) {
   if (name == "amx") return LinearKind::kAmx;
-  if (name == "dpbf16") return LinearKind::kDpbf16;
-  TORCH_CHECK(name == "avx512", "unknown native linear '", name, "'");
+  if (name == "bf16") return LinearKind::kBf16;
+  TORCH_CHECK(name == "f32", "unknown native linear '", name, "'");
   return LinearKind::kF32;
 }
 
@@ -34,7 +34,7 @@ struct NativeLinearWeight {
     at::Tensor y;
     switch (kind) {
       case LinearKind::kAmx: y = linear_amx(x, packed, bias); break;
-      case LinearKind::kDpbf16: y = linear_dpbf16(x, packed, bias); break;
+      case LinearKind::kBf16: y = linear_bf16(x, packed, bias); break;
       case LinearKind::kF32: y = linear_f32(x, packed, bias); break;
     }
     return bias_after.defined() ? y + bias_after : y;
@@ -43,7 +43,7 @@ struct NativeLinearWeight {
   at::Tensor silu_mul(const at::Tensor& x) const {
     switch (kind) {
       case LinearKind::kAmx: return linear_amx_silu_mul(x, packed);
-      case LinearKind::kDpbf16: return linear_dpbf16_silu_mul(x, packed);
+      case LinearKind::kBf16: return linear_bf16_silu_mul(x, packed);
       case LinearKind::kF32: return linear_f32_silu_mul(x, packed);
     }
     TORCH_CHECK(false, "unreachable");
@@ -116,7 +116,7 @@ class NativeDecoder {
         final_norm_(std::move(final_norm)) {}
 
   // One layer's weights, as its modules hold them: packed linear weights with the name of their
-  // kernel ("amx", "dpbf16", "avx512"), the norms' weights, the layer's KV cache
+  // kernel ("amx", "bf16", "f32"), the norms' weights, the layer's KV cache
   // ([2, kv_heads, blocks, block_size, head_dim]), its rotary tables and, for Qwen3, the weights
   // of its per-head q and k norms (same eps as the others).
   void add_layer(const at::Tensor& input_norm, const at::Tensor& post_attention_norm,

@@ -38,22 +38,24 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 
 // bf16 linear layers laid out for decode-sized batches: a [out, in] weight packed once
-// (linear_bf16.cpp), then y = x Wᵀ + b from it on AMX tiles (linear_amx.cpp) or with AVX512_BF16
-// dot products (linear_bf16.cpp), each where this build and CPU allow it (`_supported`).
+// (linear_bf16.cpp), then y = x Wᵀ + b from it on AMX tiles (linear_amx.cpp) or with the vector
+// units — AVX512_BF16 dot products, else AVX2 FMAs on widened weights (linear_bf16.cpp) — each
+// where this build and CPU allow it (`_supported`).
 at::Tensor pack_linear_bf16(const at::Tensor& weight);
 bool linear_amx_supported(int64_t out_features, int64_t in_features);
 at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed,
                       const c10::optional<at::Tensor>& bias);
-bool linear_dpbf16_supported(int64_t out_features, int64_t in_features);
-at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& packed,
+bool linear_bf16_supported(int64_t out_features, int64_t in_features);
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                          const c10::optional<at::Tensor>& bias);
 // The gate|up projection of a SiLU-gated MLP fused with its activation: the weight packed with
 // gate and up column blocks alternating, and SiLU(x Gᵀ) * (x Uᵀ) from it, [.., intermediate].
 at::Tensor pack_linear_bf16_gated(const at::Tensor& weight);
 at::Tensor linear_amx_silu_mul(const at::Tensor& x, const at::Tensor& packed);
-at::Tensor linear_dpbf16_silu_mul(const at::Tensor& x, const at::Tensor& packed);
+at::Tensor linear_bf16_silu_mul(const at::Tensor& x, const at::Tensor& packed);
 
-// float32 linear layers with AVX-512 FMAs, laid out for streaming the weights (linear_f32.cpp).
+// float32 linear layers with AVX-512 or AVX2 FMAs, laid out for streaming the weights
+// (linear_f32.cpp).
 bool linear_f32_supported(int64_t out_features, int64_t in_features);
 at::Tensor pack_linear_f32(const at::Tensor& weight);
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,

@@ -78,9 +78,11 @@ inline u16vec to_bf16_bits(vec v) {
   std::memcpy(&halves, &packed, sizeof(halves));
   return halves;
 #else
-  u16vec halves;
-  for (int64_t l = 0; l < LANES; ++l) halves[l] = at::BFloat16(v[l]).x;
-  return halves;
+  // round to nearest even on the bits, as c10::BFloat16 does for finite values (-ffast-math
+  // assumes no NaN)
+  uvec bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return __builtin_convertvector((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16, u16vec);
 #endif
 }
 template <typename T>
