@@ -26,11 +26,12 @@ inline void check_packed(const at::Tensor& x, const at::Tensor& packed, const ch
 inline void store_block(at::BFloat16* out, int64_t ldo, int64_t rows, const float (*c)[BLOCK],
                         const float* bias) {
   using namespace spindle_vec;
-  const vec bias_lo = bias ? load(bias) : vec{}, bias_hi = bias ? load(bias + LANES) : vec{};
-  for (int64_t r = 0; r < rows; ++r) {
-    store(out + r * ldo, load(&c[r][0]) + bias_lo);
-    store(out + r * ldo + LANES, load(&c[r][LANES]) + bias_hi);
-  }
+  constexpr int64_t VECS = BLOCK / LANES;
+  vec bias_vecs[VECS];
+  for (int64_t j = 0; j < VECS; ++j) bias_vecs[j] = bias ? load(bias + j * LANES) : vec{};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < VECS; ++j)
+      store(out + r * ldo + j * LANES, load(&c[r][j * LANES]) + bias_vecs[j]);
 }
 
 // SiLU(gate) * up for rows [0, rows) of a 32-column output block, from the fp32 sums of the

@@ -154,8 +154,7 @@ void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int6
         partial[g][t] = sum;
       }
     }
-    const ivec live =
-        (ivec){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} < static_cast<int32_t>(count);
+    const ivec live = lane_indices() < static_cast<int32_t>(count);
     for (int64_t g = 0; g < G; ++g) {
       vec block = transpose_sum(partial[g]) * score_scale;
       block = live ? block : splat(-1e30f);

@@ -5,14 +5,15 @@
 //
 // Flash-attention style, in fp32 arithmetic (with bf16 caches on AVX512_BF16 CPUs the q.k scores
 // come from `vdpbf16ps`, see block_scores_bf16; softmax and P·V stay fp32). A work item is (chunk,
-// KV head, tile of query positions) with 48 query rows: the tile's positions times the query heads
-// sharing the KV head, so each K/V block is converted once for all of them. The rows run along
-// vector lanes, so per cache block (16 keys) the scores (register-blocked: 8 keys x 3 row
-// vectors), causal mask, online softmax (running max and sum) and O += P·V are whole-vector
-// operations with no horizontal reductions. Items are taken longest-first from a shared counter so
-// the threads finish together despite the causal triangle. Built with -ffast-math: masked scores
-// are a large negative number, never -inf. The vector type is GCC's generic one, so the code
-// vectorises for AVX-512, AVX2 or SSE.
+// KV head, tile of query positions) with 48 query rows (3 AVX-512 vectors, 6 AVX2 ones): the
+// tile's positions times the query heads sharing the KV head, so each K/V block is converted once
+// for all of them. The rows run along vector lanes, so per cache block (16
+// keys) the scores (register-blocked: KEY_BLOCK keys x ROW_VECS row vectors), causal mask, online
+// softmax (running max and sum) and O += P·V are whole-vector operations with no horizontal
+// reductions. Items are taken longest-first from a shared counter so the threads finish together
+// despite the causal triangle. Built with -ffast-math: masked scores are a large negative number,
+// never -inf. The vector type is GCC's generic one (vec.h), so the code vectorises for AVX-512,
+// AVX2 or SSE.
 #include "kernels.h"
 #include "prefill_items.h"
 #include "vec.h"
@@ -31,10 +32,15 @@ namespace {
 
 using namespace spindle_vec;
 
-constexpr int64_t ROW_VECS = 3;   // vectors of query rows per work item (48 rows)
-constexpr int64_t ROWS = ROW_VECS * LANES;
-constexpr int64_t KEY_BLOCK = 8;  // keys sharing each loaded query column (register blocking)
-constexpr int64_t DIM_BLOCK = 8;  // value dimensions accumulated in registers at a time
+constexpr int64_t ROWS = 48;  // query rows per work item: ROW_VECS vectors of LANES
+constexpr int64_t ROW_VECS = ROWS / LANES;
+// Register blocking: keys sharing each loaded query column, and value dimensions accumulated in
+// registers at a time — KEY_BLOCK x ROW_VECS accumulators, 24 of AVX-512's 32 registers or 12 of
+// AVX2's 16.
+constexpr int64_t ACCUMULATORS = LANES == 16 ? 24 : 12;
+constexpr int64_t KEY_BLOCK = ACCUMULATORS / ROW_VECS;  // 8 (AVX-512) or 2 (AVX2)
+constexpr int64_t DIM_BLOCK = KEY_BLOCK;
+static_assert(KEY_BLOCK >= 1 && ROWS % LANES == 0);
 constexpr float MASKED = -1e30f;  // a masked score: exp() of it minus any real max is 0
 
 using spindle_prefill::Item;

@@ -159,7 +159,7 @@ float row_probabilities(Scratch<HEAD_DIM>& s, int64_t r, int64_t blocks, int32_t
                         float scale) {
   const int64_t width = blocks * KEYS;
   float* row = s.scores.data() + r * width;
-  const ivec lanes = (ivec){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const ivec lanes = lane_indices();
   const ivec limit = ivec{} + position;
   const int64_t unmasked = (position + 1) / LANES * LANES;  // vectors wholly at or before it
   vec peak = splat(MASKED);

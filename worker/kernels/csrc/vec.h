@@ -1,8 +1,12 @@
-// Helpers shared by the attention kernels: GCC's generic vector type of 16 floats (one AVX-512
-// register; two AVX2 or four SSE registers elsewhere, so the kernels build for any x86 or ARM
-// CPU), element conversions, a whole-vector exp, a 16-way transposing horizontal sum, the work
+// Helpers shared by the attention kernels: GCC's generic vector type of one register's floats (16
+// with AVX-512, else 8: one AVX2 register, two SSE or NEON ones, so the kernels build for any x86
+// or ARM CPU), element conversions, a whole-vector exp, a transposing horizontal sum, the work
 // queue that spreads uneven items over the kernels' threads (pool.h), and whether bf16 dot products
 // (`vdpbf16ps`, AVX512_BF16) are compiled in.
+//
+// Why not 16 floats everywhere: GCC splits a generic vector wider than the target's registers
+// into pieces it moves through the stack (perf on a Zen 3: the prefill attention's products were
+// mostly 16-byte spills and reloads, 4.5 GFLOP/s).
 #pragma once
 
 #include <torch/extension.h>
@@ -20,7 +24,11 @@
 
 namespace spindle_vec {
 
+#if defined(__AVX512F__)
 constexpr int64_t LANES = 16;  // floats per vector
+#else
+constexpr int64_t LANES = 8;
+#endif
 
 // The attention kernels' bf16 paths multiply bf16 pairs with `vdpbf16ps` where the CPU has it
 // (products of two bf16 are exact in fp32, summed in fp32); elsewhere they convert to fp32.
@@ -45,6 +53,13 @@ inline float to_float(at::BFloat16 x) {
 inline float to_float(at::Half x) { return static_cast<float>(x); }
 
 inline vec splat(float x) { return vec{} + x; }
+
+// The vector whose lane i holds i.
+inline ivec lane_indices() {
+  ivec lanes{};
+  for (int32_t l = 0; l < LANES; ++l) lanes[l] = l;
+  return lanes;
+}
 
 // LANES consecutive elements as a float vector.
 inline vec load(const float* src) {
@@ -138,8 +153,9 @@ inline void store_silu_mul(T* out, int64_t ldo, int64_t rows, const float* gate,
     }
 }
 
-// The vector whose lane i is the sum of x[i]'s lanes, by four rounds of pairwise
-// shuffle-and-add (15 pairs in all) instead of 16 separate horizontal sums.
+// The vector whose lane i is the sum of x[i]'s lanes (x holds LANES vectors), by rounds of
+// pairwise shuffle-and-add (LANES - 1 pairs in all) instead of LANES separate horizontal sums.
+#if defined(__AVX512F__)
 inline vec transpose_sum(const vec* x) {
   vec eights[8], fours[4], twos[2];
   for (int i = 0; i < 8; ++i) {
@@ -168,6 +184,23 @@ inline vec transpose_sum(const vec* x) {
          __builtin_shufflevector(twos[0], twos[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25,
                                  27, 29, 31);
 }
+#else
+inline vec transpose_sum(const vec* x) {
+  vec fours[4], twos[2];
+  for (int i = 0; i < 4; ++i) {
+    const vec a = x[2 * i], b = x[2 * i + 1];
+    fours[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const vec a = fours[2 * i], b = fours[2 * i + 1];
+    twos[i] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) +
+              __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+  }
+  return __builtin_shufflevector(twos[0], twos[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(twos[0], twos[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#endif
 
 // Runs work(state, i) for every i in [0, count) on the kernels' threads, each taking the next
 // index from a shared counter (callers order items longest first, so the threads finish
