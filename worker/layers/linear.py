@@ -61,12 +61,11 @@ def packing_enabled() -> bool:
     return env_switch("SPINDLE_PACKED_LINEAR")
 
 
-def can_pack(weight: torch.Tensor) -> bool:
-    """Whether `weight` can be held packed: a CPU tensor of a dtype that one of spindle's kernels
-    (`native_linear`) or oneDNN multiplies on this CPU."""
-    if not (packing_enabled() and weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES):
-        return False
-    return native_linear(weight) is not None or onednn_can_pack(weight)
+def packable(weight: torch.Tensor) -> bool:
+    """Whether packing applies to `weight` at all: on, a CPU tensor, a dtype packing knows. Which
+    packing (a spindle kernel's, oneDNN's, none) this CPU has is `native_linear`'s and
+    `onednn_can_pack`'s to say."""
+    return packing_enabled() and weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES
 
 
 def onednn_can_pack(weight: torch.Tensor) -> bool:
@@ -122,14 +121,17 @@ class PackableLinear(nn.Module):
         """Reorder the weight for spindle's kernel or oneDNN; with `release` the plain weight's
         memory is freed (the parameter becomes empty). False, and nothing changes, where packing
         does not apply."""
-        if not can_pack(self.weight):
+        if not packable(self.weight):
             return False
         weight = self.weight.detach()
-        self.native = native_linear(weight)
-        if self.native is not None:
-            self._hold_packed(self.native.pack(weight), release)
-        else:
+        native = native_linear(weight)
+        if native is not None:
+            self.native = native
+            self._hold_packed(native.pack(weight), release)
+        elif onednn_can_pack(weight):
             self._hold_packed(torch.ops.mkldnn._reorder_linear_weight(weight, None), release)
+        else:
+            return False
         return True
 
     def _hold_packed(self, packed: torch.Tensor, release: bool) -> None:
@@ -236,7 +238,7 @@ class GateUpParallelLinear(MergedColumnParallelLinear):
         self.act_fn = SiluAndMul()
 
     def pack(self, release: bool = True) -> bool:
-        native = native_linear(self.weight) if can_pack(self.weight) else None
+        native = native_linear(self.weight) if packable(self.weight) else None
         if native is None or self.bias is not None:
             return super().pack(release)
         if self.weight.shape[0] % 64:  # whole 32-column blocks of gate and of up
