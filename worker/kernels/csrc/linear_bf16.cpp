@@ -223,7 +223,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                          const c10::optional<at::Tensor>& bias) {
 #if SPINDLE_BF16_LINEAR
   spindle_bf16::check_packed(x, packed, "linear_bf16", false);
-  const int64_t k = packed[0].numel() / BLOCK, n = packed.size(0) * BLOCK;
+  const int64_t k = packed.numel() / packed.size(0) / BLOCK, n = packed.size(0) * BLOCK;
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, bias);
   const int64_t m = call.m();
   if (m == 0) return call.result();
@@ -261,7 +261,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor linear_bf16_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
 #if SPINDLE_BF16_LINEAR
   spindle_bf16::check_packed(x, packed, "linear_bf16_silu_mul", true);
-  const int64_t k = packed[0].numel() / BLOCK, n = packed.size(0) * BLOCK / 2;
+  const int64_t k = packed.numel() / packed.size(0) / BLOCK, n = packed.size(0) * BLOCK / 2;
   spindle_linear::LinearCall call = spindle_linear::prepare(x, k, n, c10::nullopt);
   const int64_t m = call.m();
   if (m == 0) return call.result();
