@@ -33,7 +33,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             _redacted(settings.redis_url),
             settings.prefix,
         )
+        gateway.registry.start()
         yield
+        await gateway.registry.stop()
         await gateway.subscriber.close()
         await gateway.redis.aclose()
 

@@ -41,8 +41,6 @@ class Gateway:
         keys = Keys(settings.prefix)
         metrics = GatewayMetrics()
         admission = Admission(
-            redis,
-            keys,
             metrics,
             max_concurrent=settings.max_concurrent_requests,
             max_queue=settings.max_queue,

@@ -1,6 +1,7 @@
-"""The part of answering a request that both API dialects share: turning the relayed events into
-choices (text, tokens, logprobs, finish) and usage, mapping error events to HTTP errors, and
-cancelling a non-streamed request whose client went away.
+"""The part of answering a request that both API dialects share: starting its jobs (an admission
+slot, then the relay), turning the relayed events into choices (text, tokens, logprobs, finish)
+and usage, mapping error events to HTTP errors, and cancelling a non-streamed request whose
+client went away.
 """
 
 from __future__ import annotations
@@ -9,14 +10,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 
 from common.protocol import Event, TokenLogprob
+from gateway.admission import Slot
 from gateway.errors import ApiError, ClientDisconnected
 from gateway.jobs import Plan
-from gateway.relay import EventBatch
+from gateway.relay import EventBatch, Relay
+
+if TYPE_CHECKING:
+    from gateway.context import Gateway
 
 T = TypeVar("T")
 
@@ -27,6 +32,41 @@ _ERROR_STATUS = {
     "timeout": 504,
     "overloaded": 503,
 }
+
+
+class Generation:
+    """What a generation request holds while it runs: its admission slot and its relay.
+    `aclose()` closes the relay (cancelling what is unfinished), then frees the slot."""
+
+    def __init__(self, slot: Slot, relay: Relay) -> None:
+        self.slot = slot
+        self.relay = relay
+
+    async def aclose(self) -> None:
+        try:
+            await self.relay.aclose()
+        finally:
+            self.slot.release()
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def start_generation(gateway: Gateway, plan: Plan) -> Generation:
+    """Take an admission slot (429 when a limit is full) and subscribe to the plan's jobs (503
+    when Redis fails); iterating `relay.batches()` enqueues them. The caller closes what it gets
+    back."""
+    name = plan.model.name
+    slot = gateway.admission.admit(name, gateway.registry.queued(name))
+    try:
+        relay = await gateway.relay.start(plan.jobs, gateway.admission.max_queue)
+    except BaseException:
+        slot.release()
+        raise
+    return Generation(slot, relay)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models(/{id}).
 
 Each generation route: find the model (404/503), build the Jobs (400), take an admission slot
-(429), then either stream chunks or wait for the whole answer, cancelling the jobs if the client
-leaves first.
+and put the jobs on Redis (429/503), then either stream chunks or wait for the whole answer,
+cancelling the jobs if the client leaves first.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.context import get_gateway, require_api_key
-from gateway.generation import collect, unless_disconnected
+from gateway.generation import collect, start_generation, unless_disconnected
 from gateway.jobs import plan_chat, plan_completion
 from gateway.openai_format import (
     chat_chunks,
@@ -34,13 +34,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     model = await gateway.registry.get(body.model)
     plan = plan_chat(body, model, gateway.settings.request_timeout)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    slot = await gateway.admission.admit(model.name)
-    events = gateway.relay.run(plan.jobs)
+    generation = await start_generation(gateway, plan)
+    events = generation.relay.batches()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = chat_chunks(plan, events, top_logprobs=top_logprobs, include_usage=include_usage)
-        return sse_response(slot, chunks, sse_error)
-    with slot:
+        return sse_response(generation, chunks, sse_error)
+    async with generation:
         result = await unless_disconnected(request, collect(plan, events))
     return JSONResponse(chat_response(plan, result, top_logprobs))
 
@@ -50,15 +50,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     gateway = get_gateway(request)
     model = await gateway.registry.get(body.model)
     plan = plan_completion(body, model, gateway.settings.request_timeout)
-    slot = await gateway.admission.admit(model.name)
-    events = gateway.relay.run(plan.jobs)
+    generation = await start_generation(gateway, plan)
+    events = generation.relay.batches()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = completion_chunks(
             plan, events, logprobs=body.logprobs, include_usage=include_usage
         )
-        return sse_response(slot, chunks, sse_error)
-    with slot:
+        return sse_response(generation, chunks, sse_error)
+    async with generation:
         result = await unless_disconnected(request, collect(plan, events))
     return JSONResponse(completion_response(plan, result, body.logprobs))
 

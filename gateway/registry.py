@@ -3,13 +3,21 @@ each model's hash (`spindle:model:{model}`) carries its tokenizer and limits.
 
 A model is served while at least one live (unexpired) worker key names it. Tokenizers are built
 once per model and rebuilt when the hash changes; the change check is a cheap fingerprint (field
-lengths plus the small fields), made at most once per `refresh_s`, so a request does not fetch a
-multi-megabyte tokenizer.json.
+lengths plus the small fields), so a request does not fetch a multi-megabyte tokenizer.json.
+
+The gateway keeps this view fresh from a background task (`start()`: the workers and the length
+of each served model's stream every `workers_ttl_s`, the fingerprints every `refresh_s`), so a
+request reads memory, not Redis: on
+the demo model the three round trips it took cost ~1.2 ms of every lone request's TTFT. A request
+reads Redis itself only when the view is older than `STALE_PERIODS` refreshes (the task is not
+running, or Redis fails it), or when it names a model the view lacks (a worker that just started),
+and the ops routes (`/health`, `/info`, `/v1/models`) read with `max_age_s=0`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -17,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from transformers import PreTrainedTokenizerFast
 
 from common.chat import ModelCard, build_tokenizer, special_token_ids
@@ -32,6 +41,8 @@ _LARGE_FIELDS = (
     "generation_config_json",
 )
 _SMALL_FIELDS = ("max_input_tokens", "max_total_tokens", "eos_token_ids")
+STALE_PERIODS = 3  # a refreshed view is used until this many refresh periods old
+MISSING_MODEL_REREAD_S = 0.1  # a model the view lacks: re-read the workers if older than this
 
 
 @dataclass(frozen=True)
@@ -100,27 +111,37 @@ class ModelRegistry:
         self._workers_read_at = -1e9
         self._cache: dict[str, _CacheEntry] = {}
         self._build_lock = asyncio.Lock()
+        self._refresher: asyncio.Task[None] | None = None
+        self._queued: dict[str, int] = {}  # model -> its stream's length, read with the workers
 
-    async def live_workers(self) -> list[WorkerStatus]:
-        """Workers whose heartbeat key has not expired (re-read at most every workers_ttl_s)."""
-        if time.monotonic() - self._workers_read_at < self._workers_ttl_s:
+    def start(self) -> None:
+        """Keep the view fresh from a background task (in the gateway's lifespan)."""
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        task, self._refresher = self._refresher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def live_workers(self, max_age_s: float | None = None) -> list[WorkerStatus]:
+        """Workers whose heartbeat key has not expired, as read at most `max_age_s` ago (by
+        default the view's own limit: see the module's docstring)."""
+        limit = self._staleness(self._workers_ttl_s) if max_age_s is None else max_age_s
+        if time.monotonic() - self._workers_read_at < limit:
             return self._workers
-        names = [
-            name
-            async for name in self._redis.scan_iter(match=self._keys.worker_pattern(), count=1000)
-        ]
-        values = await self._redis.mget(names) if names else []
-        statuses = [WorkerStatus.from_json(raw) for raw in values if raw is not None]
-        self._workers = [status for status in statuses if status is not None]
-        self._workers_read_at = time.monotonic()
-        return self._workers
+        return await self._read_workers()
 
-    async def served_models(self) -> list[str]:
-        return sorted({worker.model for worker in await self.live_workers()})
+    async def served_models(self, max_age_s: float | None = None) -> list[str]:
+        return sorted({worker.model for worker in await self.live_workers(max_age_s)})
 
     async def get(self, name: str) -> ServedModel:
         """The served model called `name`: 503 if no worker is alive, 404 if none serves it."""
         served = await self.served_models()
+        if name not in served:  # perhaps a worker that started since the last refresh
+            served = await self.served_models(MISSING_MODEL_REREAD_S)
         if not served:
             raise ApiError(
                 503,
@@ -136,18 +157,76 @@ class ModelRegistry:
             )
         return await self._load(name)
 
-    async def default_model(self) -> ServedModel:
+    async def default_model(self, max_age_s: float | None = None) -> ServedModel:
         """The first served model by name: what TGI routes without a model field describe."""
-        served = await self.served_models()
+        served = await self.served_models(max_age_s)
+        if not served:
+            served = await self.served_models(MISSING_MODEL_REREAD_S)
         if not served:
             await self.get("")  # raises the 503
         return await self._load(served[0])
 
+    def queued(self, name: str) -> int | None:
+        """The length of the model's request stream as last refreshed; None when unknown or
+        older than the view's limit (the admission check then leaves it to the enqueue)."""
+        if time.monotonic() - self._workers_read_at >= self._staleness(self._workers_ttl_s):
+            return None
+        return self._queued.get(name)
+
+    def _staleness(self, period_s: float) -> float:
+        """How old a part of the view may be before a request re-reads it."""
+        refreshing = self._refresher is not None and not self._refresher.done()
+        return period_s * STALE_PERIODS if refreshing else period_s
+
+    async def _read_workers(self) -> list[WorkerStatus]:
+        names = [
+            name
+            async for name in self._redis.scan_iter(match=self._keys.worker_pattern(), count=1000)
+        ]
+        values = await self._redis.mget(names) if names else []
+        statuses = [WorkerStatus.from_json(raw) for raw in values if raw is not None]
+        self._workers = [status for status in statuses if status is not None]
+        self._workers_read_at = time.monotonic()
+        return self._workers
+
+    async def _refresh_forever(self) -> None:
+        """Re-read the workers every `workers_ttl_s` and re-check the loaded models' hashes
+        every `refresh_s`; a failure is logged once and retried at the next period."""
+        failing = False
+        while True:
+            try:
+                served = sorted({worker.model for worker in await self._read_workers()})
+                await self._read_queue_lengths(served)
+                for name, entry in list(self._cache.items()):
+                    if name in served and time.monotonic() - entry.checked_at >= self._refresh_s:
+                        await self._check(name, entry)
+                if failing:
+                    logger.info("registry: Redis answers again")
+                failing = False
+            except Exception as err:  # the task must outlive any one failure
+                if not failing:
+                    expected = isinstance(err, RedisError | OSError | ApiError)
+                    logger.warning("registry: refreshing failed: %s", err, exc_info=not expected)
+                failing = True
+            await asyncio.sleep(self._workers_ttl_s)
+
+    async def _read_queue_lengths(self, models: list[str]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for name in models:
+            pipe.xlen(self._keys.requests(name))
+        self._queued = dict(zip(models, await pipe.execute(), strict=True))
+
     async def _load(self, name: str) -> ServedModel:
         entry = self._cache.get(name)
-        now = time.monotonic()
-        if entry is not None and now - entry.checked_at < self._refresh_s:
+        if entry is not None and time.monotonic() - entry.checked_at < self._staleness(
+            self._refresh_s
+        ):
             return entry.model
+        return await self._check(name, entry)
+
+    async def _check(self, name: str, entry: _CacheEntry | None) -> ServedModel:
+        """The model as its hash is now: the cached one if the fingerprint did not change."""
+        now = time.monotonic()
         fingerprint = await self._fingerprint(name)
         if entry is not None and entry.fingerprint == fingerprint:
             entry.checked_at = now

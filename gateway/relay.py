@@ -1,15 +1,25 @@
 """Puts a request's Jobs on Redis and relays the worker's Events back, per DESIGN.md's contract.
 
-Order of operations: SUBSCRIBE to every job's `spindle:out:{id}` and wait for the confirmations,
-then XADD the jobs, so no event can be published before anyone listens. Events are put back in
-`seq` order and duplicates dropped (a resumed job may repeat one). A job is over when each of its
-`n` choices has finished, or at its first `cancelled`/`error` event. If the reader stops early (the
-client went away, the request timed out), the unfinished jobs are cancelled: their ids go out on
-`spindle:cancel` and into `spindle:cancelled:{id}` (with a TTL) for jobs no worker has picked up.
+`EventRelay.start(jobs)` runs in the route, before any response exists: it SUBSCRIBEs to every
+job's `spindle:out:{id}` and waits for the confirmations (a Redis failure is then a 503, not a
+message inside a 200 stream). The `Relay` it returns adds the jobs when its `batches()` is first
+iterated, with one script that checks the model stream's length first (`--max-queue`; 429 when
+full), so no event can be published before anyone listens and the check and the add are one round
+trip. A streamed response iterates only after its headers went out: once the job is in the
+stream, the gateway has nothing left to do until the first token, and does not take CPU from a
+worker sharing its cores while that worker prefills (on the 2-core Xeon, the headers sent after
+the XADD cost a lone request's prefill step ~2 ms). The admission check before (`Admission`, on
+the registry's view of the stream) keeps a full queue's 429 a status code but for a race.
 
-Every request shares the process's one pub/sub connection (`gateway/subscriber.py`). The relay
-yields batches: all the events that arrived together, in order, so the response can send them in
-one write. The deadline is one timer per request that fails the inbox with a 504.
+The relay yields batches: all the events that arrived together, in `seq` order with duplicates
+dropped (a resumed job may repeat one), so the response can send them in one write. A job is over
+when each of its `n` choices has finished, or at its first `cancelled`/`error` event.
+`Relay.aclose()` (also at the end of `batches()`) cancels the unfinished jobs: their ids go out on
+`spindle:cancel` and into `spindle:cancelled:{id}` (with a TTL) for jobs no worker has picked up.
+Whoever starts a relay closes it, however the request ends (`async with`, or the SSE response).
+
+Every request shares the process's one pub/sub connection (`gateway/subscriber.py`). The deadline
+is one timer per request that fails the inbox with a 504.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from redis.exceptions import RedisError
 
 from common.keys import Keys
 from common.protocol import Event, Job, ProtocolError
+from gateway.admission import queue_full_error
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.subscriber import Inbox, Message, Subscriber
@@ -94,6 +105,21 @@ class RelayStats:
 EventBatch = list[tuple[int, Event]]  # (position of the job in the request, event), in order
 
 
+# KEYS[1]: the model's request stream. ARGV[1]: the queue limit; ARGV[2..]: the jobs' JSON.
+# Returns {added, queued}: the jobs go in only while the stream holds fewer than the limit.
+_ENQUEUE_SCRIPT = """
+local queued = redis.call('XLEN', KEYS[1])
+if queued >= tonumber(ARGV[1]) then
+  return {0, queued}
+end
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'job', ARGV[i])
+end
+return {1, queued}
+"""
+UNLIMITED_QUEUE = 2**62
+
+
 class EventRelay:
     def __init__(
         self,
@@ -102,71 +128,120 @@ class EventRelay:
         subscriber: Subscriber,
         metrics: GatewayMetrics | None = None,
     ) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._subscriber = subscriber
-        self._metrics = metrics or GatewayMetrics()
+        self.redis = redis
+        self.keys = keys
+        self.subscriber = subscriber
+        self.metrics = metrics or GatewayMetrics()
+        self._enqueue_script = redis.register_script(_ENQUEUE_SCRIPT)
 
-    async def run(self, jobs: Sequence[Job]) -> AsyncIterator[EventBatch]:
-        """Yield batches of (position of the job in `jobs`, event) until every job is over.
-        Close the generator (`contextlib.aclosing`) to stop early; that cancels what is
-        unfinished."""
-        orders = [SeqOrder(job.sampling.n) for job in jobs]
-        channels = {
-            self._keys.events(job.id).encode(): position for position, job in enumerate(jobs)
-        }
-        stats = RelayStats()
-        token_gaps = self._metrics.token_gaps(jobs[0].model)
-        inbox: Inbox | None = None
-        timer: asyncio.TimerHandle | None = None
+    async def start(self, jobs: Sequence[Job], max_queue: int = UNLIMITED_QUEUE) -> Relay:
+        """Subscribe to the jobs' channels; the relay enqueues them when first iterated, unless
+        the model's stream holds `max_queue` jobs then (429). The caller closes the relay."""
+        relay = Relay(self, jobs, max_queue)
         try:
-            inbox = await self._subscriber.subscribe(list(channels))
-            timer = _deadline_timer(inbox, _wait_deadline(jobs))
-            await self._enqueue(jobs)
-            while not all(order.done for order in orders):
-                batch = _in_order(await inbox.take(), channels, orders)
-                if batch:
-                    _observe_batch(batch, stats, token_gaps)
-                    yield batch
-            if stats.outcome == "incomplete":
-                stats.outcome = "finished"
-        finally:
-            if timer is not None:
-                timer.cancel()
-            with anyio.CancelScope(shield=True):
-                unfinished = [
-                    job.id for job, order in zip(jobs, orders, strict=True) if not order.done
-                ]
-                await self._cancel(unfinished)
-                if inbox is not None:
-                    await self._subscriber.unsubscribe(inbox)
-            _log_request(jobs, stats)
-            self._observe_generation(jobs, stats)
+            relay.inbox = await self.subscriber.subscribe(list(relay.channels))
+        except BaseException:
+            await relay.aclose()
+            raise
+        relay.timer = _deadline_timer(relay.inbox, _wait_deadline(jobs))
+        return relay
 
-    def _observe_generation(self, jobs: Sequence[Job], stats: RelayStats) -> None:
-        self._metrics.observe_generation(
-            jobs[0].model,
+    async def enqueue(self, jobs: Sequence[Job], max_queue: int) -> None:
+        added, queued = await self._enqueue_script(
+            keys=[self.keys.requests(jobs[0].model)],
+            args=[max_queue, *(job.to_json() for job in jobs)],
+        )
+        if not added:
+            raise queue_full_error(jobs[0].model, int(queued), max_queue)
+
+    async def cancel(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.set(self.keys.cancelled(job_id), "1", ex=CANCELLED_TTL_S)
+            pipe.publish(self.keys.cancel, job_id)
+        await _quietly(pipe.execute())
+
+
+class Relay:
+    """One request's jobs, enqueued, and their events on the way back (`EventRelay.start`)."""
+
+    def __init__(self, relays: EventRelay, jobs: Sequence[Job], max_queue: int) -> None:
+        self._relays = relays
+        self.jobs = jobs
+        self.max_queue = max_queue
+        self.orders = [SeqOrder(job.sampling.n) for job in jobs]
+        self.channels = {
+            relays.keys.events(job.id).encode(): position for position, job in enumerate(jobs)
+        }
+        self.stats = RelayStats()
+        self.inbox: Inbox | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.enqueued = False  # the jobs may be in the stream: cancel the unfinished at close
+        self._closed = False
+
+    async def batches(self) -> AsyncIterator[EventBatch]:
+        """Enqueue the jobs, then yield batches of (position of the job in `jobs`, event) until
+        every job is over; the relay is closed when this generator ends or is closed
+        (`contextlib.aclosing`)."""
+        assert self.inbox is not None, "a relay yields events once started (EventRelay.start)"
+        token_gaps = self._relays.metrics.token_gaps(self.jobs[0].model)
+        try:
+            self.enqueued = True  # a failure from here may leave the jobs in the stream
+            try:
+                await self._relays.enqueue(self.jobs, self.max_queue)
+            except ApiError:
+                self.enqueued = False  # refused: nothing was added
+                raise
+            while not all(order.done for order in self.orders):
+                batch = _in_order(await self.inbox.take(), self.channels, self.orders)
+                if batch:
+                    _observe_batch(batch, self.stats, token_gaps)
+                    yield batch
+            if self.stats.outcome == "incomplete":
+                self.stats.outcome = "finished"
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel the unfinished jobs, unsubscribe, log the request; once, shielded from
+        cancellation (it runs while a disconnected client's task is being cancelled)."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            if self.timer is not None:
+                self.timer.cancel()
+            if self.enqueued:
+                unfinished = [
+                    job.id
+                    for job, order in zip(self.jobs, self.orders, strict=True)
+                    if not order.done
+                ]
+                await self._relays.cancel(unfinished)
+            if self.inbox is not None:
+                await self._relays.subscriber.unsubscribe(self.inbox)
+        if self.enqueued:
+            _log_request(self.jobs, self.stats)
+            self._observe_generation()
+
+    async def __aenter__(self) -> Relay:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _observe_generation(self) -> None:
+        stats = self.stats
+        self._relays.metrics.observe_generation(
+            self.jobs[0].model,
             outcome=stats.outcome,
-            prompt_tokens=sum(len(job.prompt_ids) for job in jobs),
+            prompt_tokens=sum(len(job.prompt_ids) for job in self.jobs),
             completion_tokens=stats.completion_tokens,
             ttft_s=stats.first_event - stats.started if stats.first_event else None,
             total_s=time.monotonic() - stats.started,
         )
-
-    async def _enqueue(self, jobs: Sequence[Job]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for job in jobs:
-            pipe.xadd(self._keys.requests(job.model), {"job": job.to_json()})
-        await pipe.execute()
-
-    async def _cancel(self, job_ids: list[str]) -> None:
-        if not job_ids:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.set(self._keys.cancelled(job_id), "1", ex=CANCELLED_TTL_S)
-            pipe.publish(self._keys.cancel, job_id)
-        await _quietly(pipe.execute())
 
 
 def _in_order(

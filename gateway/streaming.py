@@ -7,8 +7,9 @@ burst of tokens costs one trip through the ASGI stack and one socket write, not 
 A comment line (`: ping`) goes out every `PING_INTERVAL_S` so proxies keep a quiet stream open,
 and a stream in flight when the gateway stops gets `SHUTDOWN_GRACE_S` to finish.
 
-The response owns the request's admission slot and releases it when the stream ends however it
-ends, even if the stream never started (a HEAD, a client gone before the headers). An error after
+The response owns what the request holds (its admission slot and relay: `generation.Generation`)
+and closes it when the stream ends however it ends, even if the stream never started (a HEAD, a
+client gone before the headers): the unfinished jobs are cancelled and the slot freed. An error after
 the headers went out cannot change the status any more, so it is sent as one last `data:` message
 in the route's dialect. A client that disconnects cancels the stream; the source is then closed,
 so the relay's clean-up cancels the jobs on Redis.
@@ -19,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Protocol
 
 import anyio
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
-from gateway.admission import Slot
 from gateway.errors import ApiError
 
 logger = logging.getLogger("spindle.gateway")
@@ -36,6 +37,12 @@ PING_INTERVAL_S = 15.0  # keeps proxies from closing a stream that waits in a lo
 # the stream ends here, its clean-up run, before uvicorn cancels what is left.
 SHUTDOWN_GRACE_S = 4.0
 LINE_END = "\n"  # what sse_frames writes; pings use it too, so the stream has one line ending
+
+
+class Held(Protocol):
+    """What a streamed request holds until its response ends (`generation.Generation`)."""
+
+    async def aclose(self) -> None: ...
 
 
 def sse_frames(payloads: list[str]) -> bytes:
@@ -53,7 +60,7 @@ class SseResponse(EventSourceResponse):
 
     def __init__(
         self,
-        slot: Slot,
+        held: Held,
         source: AsyncIterator[list[str]],
         render_error: Callable[[ApiError], str],
         ping_interval_s: float = PING_INTERVAL_S,
@@ -65,7 +72,7 @@ class SseResponse(EventSourceResponse):
             ping_message_factory=ping_comment,
             shutdown_grace_period=SHUTDOWN_GRACE_S,
         )
-        self._slot = slot
+        self._held = held
         self._source = source
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,13 +86,13 @@ class SseResponse(EventSourceResponse):
             with anyio.CancelScope(shield=True):
                 await _aclose(self.body_iterator)
                 await _aclose(self._source)
-            self._slot.release()
+                await self._held.aclose()
 
 
 def sse_response(
-    slot: Slot, source: AsyncIterator[list[str]], render_error: Callable[[ApiError], str]
+    held: Held, source: AsyncIterator[list[str]], render_error: Callable[[ApiError], str]
 ) -> SseResponse:
-    return SseResponse(slot, source, render_error)
+    return SseResponse(held, source, render_error)
 
 
 async def _aclose(source: object) -> None:

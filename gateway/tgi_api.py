@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.context import Gateway, get_gateway, require_api_key
-from gateway.generation import collect, unless_disconnected
+from gateway.generation import collect, start_generation, unless_disconnected
 from gateway.registry import ServedModel
 from gateway.schemas import TgiGenerateRequest, TgiTokenizeRequest
 from gateway.streaming import sse_response
@@ -47,9 +47,8 @@ async def generate(body: TgiGenerateRequest, request: Request) -> Response:
     gateway = get_gateway(request)
     model = await _model(gateway, body.model)
     plan = plan_generate(body, model, gateway.settings.request_timeout, stream=False)
-    slot = await gateway.admission.admit(model.name)
-    with slot:
-        events = gateway.relay.run(plan.jobs)
+    async with await start_generation(gateway, plan) as generation:
+        events = generation.relay.batches()
         result = await unless_disconnected(request, collect(plan, events))
     return JSONResponse(generate_response(plan, result, body.parameters))
 
@@ -59,16 +58,16 @@ async def generate_stream(body: TgiGenerateRequest, request: Request) -> Respons
     gateway = get_gateway(request)
     model = await _model(gateway, body.model)
     plan = plan_generate(body, model, gateway.settings.request_timeout, stream=True)
-    slot = await gateway.admission.admit(model.name)
-    messages = generate_stream_messages(plan, gateway.relay.run(plan.jobs), body.parameters)
-    return sse_response(slot, messages, sse_error)
+    generation = await start_generation(gateway, plan)
+    messages = generate_stream_messages(plan, generation.relay.batches(), body.parameters)
+    return sse_response(generation, messages, sse_error)
 
 
 @router.get("/info", summary="Describe the served model (TGI)")
 async def info(request: Request) -> dict[str, Any]:
     gateway = get_gateway(request)
-    model = await gateway.registry.default_model()
-    workers = [w for w in await gateway.registry.live_workers() if w.model == model.name]
+    model = await gateway.registry.default_model(max_age_s=0)
+    workers = [w for w in await gateway.registry.live_workers(0) if w.model == model.name]
     first = workers[0] if workers else None
     card = model.card
     kv_tokens = sum(w.kv_total_blocks for w in workers) * 16  # the block size (DESIGN.md)

@@ -1,5 +1,5 @@
 """The relay against a real redis-server: many requests on the one shared pub/sub connection,
-events reordered within a batch, the deadline, and a lost connection (a waiting relay fails
+events reordered within a batch, the deadline, the queue limit checked in the enqueue, and a lost connection (a waiting relay fails
 cleanly, the next request reconnects; through HTTP, a stream ends with a 503 message)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from common.keys import Keys
 from common.protocol import Event, Job, Sampling, Usage
 from gateway.errors import ApiError
-from gateway.relay import DEADLINE_GRACE_S, EventRelay
+from gateway.relay import DEADLINE_GRACE_S, EventBatch, EventRelay
 from gateway.subscriber import CLIENT_NAME, Subscriber
 from tests.integration.conftest import (
     BackgroundLoop,
@@ -119,7 +119,8 @@ async def relayed(relay: Relay, one: Job) -> list[Event]:
 
 
 async def relayed_batches(relay: Relay, one: Job) -> list[list[Event]]:
-    return [[event for _, event in batch] async for batch in relay.relay.run([one])]
+    started = await relay.relay.start([one])
+    return [[event for _, event in batch] async for batch in started.batches()]
 
 
 async def test_many_requests_share_one_connection_and_each_gets_its_own_events_in_order(
@@ -172,6 +173,36 @@ async def test_the_deadline_ends_a_relay_with_a_504(redis_server: RedisServer) -
         assert caught.value.status == 504
         assert await relay.redis.exists(relay.keys.cancelled(late.id))
         assert relay.subscriber.subscribed == 0
+
+
+async def test_the_enqueue_refuses_a_full_queue_in_one_step_and_adds_nothing(
+    redis_server: RedisServer,
+) -> None:
+    async with open_relay(redis_server) as relay:
+        stream = relay.keys.requests(MODEL)
+        await relay.redis.xadd(stream, {"job": "{}"})  # one job nobody takes
+        started = await relay.relay.start([job(max_new_tokens=2)], max_queue=1)
+        with pytest.raises(ApiError) as caught:
+            await anext(started.batches())
+        assert caught.value.status == 429
+        assert "holds 1 requests, its limit (--max-queue 1)" in caught.value.message
+        assert await relay.redis.xlen(stream) == 1  # the refused job was not added
+        assert relay.subscriber.subscribed == 0  # and its relay closed
+        # below the limit, a request's jobs go in together
+        pair = [job(max_new_tokens=3), job(max_new_tokens=3)]
+        started = await relay.relay.start(pair, max_queue=3)
+        collecting = asyncio.ensure_future(collect_events(started.batches()))
+        await relay.wait_queued(3)
+        await publish_shuffled(relay, pair)
+        events = await asyncio.wait_for(collecting, 5)
+        assert [(position, event.seq) for position, event in events if position == 0] == [
+            (0, 0), (0, 1), (0, 2)
+        ]  # fmt: skip
+        assert [event.seq for position, event in events if position == 1] == [0, 1, 2]
+
+
+async def collect_events(batches: AsyncIterator[EventBatch]) -> EventBatch:
+    return [item async for batch in batches for item in batch]
 
 
 # --- through HTTP --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The gateway's streaming path without Redis or a server: the SSE response (sse-starlette's
 EventSourceResponse) driven as an ASGI app (one body write per batch, errors as a last message,
-pings, disconnects, the admission slot) and the OpenAI formatter over relayed batches."""
+pings, disconnects, what the request holds) and the OpenAI formatter over relayed batches."""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ from gateway.streaming import PING_INTERVAL_S, SseResponse, sse_frames
 from tests.unit.test_gateway_validation import served
 
 
-class CountingSlot:
-    def __init__(self) -> None:
-        self.releases = 0
+class CountingHeld:
+    """Stands for the request's slot and relay (`generation.Generation`): counts its closes."""
 
-    def release(self) -> None:
-        self.releases += 1
+    def __init__(self) -> None:
+        self.closes = 0
+
+    async def aclose(self) -> None:
+        self.closes += 1
 
 
 class Client:
@@ -66,13 +68,13 @@ async def serve(
     client: Client | None = None,
     ping_interval_s: float = 15,
     method: str = "POST",
-) -> tuple[Client, CountingSlot]:
+) -> tuple[Client, CountingHeld]:
     client = client or Client()
-    slot = CountingSlot()
-    response = SseResponse(slot, source, sse_error, ping_interval_s=ping_interval_s)  # type: ignore[arg-type]
+    held = CountingHeld()
+    response = SseResponse(held, source, sse_error, ping_interval_s=ping_interval_s)  # type: ignore[arg-type]
     scope = {"type": "http", "method": method}
     await asyncio.wait_for(response(scope, client.receive, client.send), timeout=5)
-    return client, slot
+    return client, held
 
 
 class Recorded:
@@ -104,7 +106,7 @@ async def from_lists(*batches: list[str]) -> AsyncIterator[list[str]]:
 
 
 async def test_each_batch_is_one_write_in_order() -> None:
-    client, slot = await serve(from_lists(["a", "b"], ["c"], ["[DONE]"]))
+    client, held = await serve(from_lists(["a", "b"], ["c"], ["[DONE]"]))
     start = client.messages[0]
     assert start["status"] == 200
     headers = dict(start["headers"])
@@ -112,7 +114,7 @@ async def test_each_batch_is_one_write_in_order() -> None:
     assert headers[b"cache-control"] == b"no-store"
     assert headers[b"x-accel-buffering"] == b"no"
     assert client.bodies == [b"data: a\n\ndata: b\n\n", b"data: c\n\n", b"data: [DONE]\n\n", b""]
-    assert client.messages[-1]["more_body"] is False and slot.releases == 1
+    assert client.messages[-1]["more_body"] is False and held.closes == 1
 
 
 def test_frames_are_what_sse_clients_split_on() -> None:
@@ -134,14 +136,14 @@ async def test_an_error_mid_stream_is_the_last_message(
         yield ['{"partial": true}']
         raise failure
 
-    client, slot = await serve(failing())
+    client, held = await serve(failing())
     assert client.data[0] == '{"partial": true}' and len(client.data) == 2
     error = json.loads(client.data[-1])["error"]
     assert (error["type"], error["message"]) == (status, message)
-    assert slot.releases == 1 and client.messages[-1]["more_body"] is False
+    assert held.closes == 1 and client.messages[-1]["more_body"] is False
 
 
-async def test_a_disconnect_stops_the_source_and_releases_the_slot() -> None:
+async def test_a_disconnect_stops_the_source_and_closes_what_the_request_holds() -> None:
     client = Client()
     cleaned_up = asyncio.Event()
 
@@ -154,8 +156,8 @@ async def test_a_disconnect_stops_the_source_and_releases_the_slot() -> None:
         finally:
             cleaned_up.set()
 
-    _, slot = await serve(endless(), client)
-    assert cleaned_up.is_set() and slot.releases == 1 and client.data == ["first"]
+    _, held = await serve(endless(), client)
+    assert cleaned_up.is_set() and held.closes == 1 and client.data == ["first"]
 
 
 async def test_a_quiet_stream_gets_pings() -> None:
@@ -171,15 +173,15 @@ async def test_a_quiet_stream_gets_pings() -> None:
 
 
 def test_pings_come_every_15_seconds_by_default() -> None:
-    response = SseResponse(CountingSlot(), from_lists(), sse_error)  # type: ignore[arg-type]
+    response = SseResponse(CountingHeld(), from_lists(), sse_error)  # type: ignore[arg-type]
     assert response.ping_interval == PING_INTERVAL_S == 15
 
 
-async def test_a_client_gone_before_the_headers_still_releases_the_slot() -> None:
+async def test_a_client_gone_before_the_headers_still_closes_what_the_request_holds() -> None:
     source = Recorded(["never sent"])
-    client, slot = await serve(source, Client(writes_fail=True))
+    client, held = await serve(source, Client(writes_fail=True))
     assert client.messages == [] and not source.started
-    assert source.closed and slot.releases == 1
+    assert source.closed and held.closes == 1
 
 
 async def test_a_client_gone_before_the_first_event_stops_the_source() -> None:
@@ -194,8 +196,8 @@ async def test_a_client_gone_before_the_first_event_stops_the_source() -> None:
         finally:
             cleaned_up.set()
 
-    _, slot = await serve(waiting(), client)
-    assert cleaned_up.is_set() and slot.releases == 1 and client.data == []
+    _, held = await serve(waiting(), client)
+    assert cleaned_up.is_set() and held.closes == 1 and client.data == []
 
 
 async def test_a_stream_in_flight_when_the_server_stops_may_finish(
@@ -206,15 +208,15 @@ async def test_a_stream_in_flight_when_the_server_stops_may_finish(
         yield ["last", "[DONE]"]
 
     monkeypatch.setattr(AppStatus, "should_exit", True)  # what uvicorn's SIGTERM handler sets
-    client, slot = await serve(finishing())
-    assert client.data == ["last", "[DONE]"] and slot.releases == 1
+    client, held = await serve(finishing())
+    assert client.data == ["last", "[DONE]"] and held.closes == 1
 
 
-async def test_head_sends_headers_only_and_releases_the_slot() -> None:
+async def test_head_sends_headers_only_and_closes_what_the_request_holds() -> None:
     source = Recorded(["never sent"])
-    client, slot = await serve(source, method="HEAD")
+    client, held = await serve(source, method="HEAD")
     assert client.bodies == [b""] and client.messages[0]["status"] == 200
-    assert not source.started and source.closed and slot.releases == 1
+    assert not source.started and source.closed and held.closes == 1
 
 
 # --- the formatter over batches ----------------------------------------------------------------
