@@ -107,6 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         worker_args=list(args.extra),
         gateway_args=gateway_args,
+        log_level=args.log_level.lower(),
     )
     return serve(plan)
 
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         default=os.environ.get("SPINDLE_LOG_LEVEL", "INFO"),
-        help="how much to log (env SPINDLE_LOG_LEVEL; default INFO)",
+        help="how much to log, here and in the processes `serve` starts (env SPINDLE_LOG_LEVEL; "
+        "default INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:

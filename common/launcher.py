@@ -73,6 +73,7 @@ class ServePlan:
     worker_args: list[str] = field(default_factory=list)  # passed through to `python -m worker`
     gateway_args: list[str] = field(default_factory=list)
     ready_timeout: float = 600.0
+    log_level: str = "info"  # every child's --log-level
 
 
 class Launcher:
@@ -109,6 +110,8 @@ class Launcher:
                     self.plan.model,
                     "--redis-url",
                     redis_url,
+                    "--log-level",
+                    self.plan.log_level,
                     *self._thread_args(),
                     *self.plan.worker_args,
                 ],
@@ -125,6 +128,8 @@ class Launcher:
                 str(self.plan.port),
                 "--redis-url",
                 redis_url,
+                "--log-level",
+                self.plan.log_level,
                 *self.plan.gateway_args,
             ],
         )

@@ -25,6 +25,9 @@ class GatewaySettings:
     api_key: str | None = setting(None, "if set, clients must send 'Authorization: Bearer KEY'")
     request_timeout: float = setting(600.0, "seconds a request may take end to end; 0 = no limit")
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "log verbosity")
+    access_log: bool = setting(
+        True, "also log every HTTP request in uvicorn's access format (generations are logged)"
+    )
 
     def __post_init__(self) -> None:
         if self.max_concurrent_requests < 1:

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.log_file is not None:
         handlers.append(logging.FileHandler(settings.log_file))
     logging.basicConfig(
-        level=logging.INFO,
+        level=settings.log_level.upper(),
         handlers=handlers,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

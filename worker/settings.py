@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from common.settings import setting
 from worker.engine.config import EngineConfig
@@ -39,6 +40,7 @@ class WorkerSettings:
     max_deliveries: int = setting(3, "deliveries of one job before it goes to the dead letters")
     shutdown_timeout: float = setting(30.0, "on SIGTERM, seconds to finish running requests")
     log_file: Path | None = setting(None, "also log to this file")
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", "log verbosity")
     metrics_port: int | None = setting(None, "serve Prometheus metrics on this port; none = off")
 
     def __post_init__(self) -> None:
