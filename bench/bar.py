@@ -13,9 +13,12 @@ then once the gateway's relay capacity (`relay_bench.measure`, 32 clients x 512 
 runs without prefix caching, as vLLM does: every repeat sends the same prompts. The in-process and
 e2e systems also run the `single` workload, which prices the service path's TTFT: on mixed-32 the
 two admit requests differently (see service_bench). Each system runs `--repeat` times; the
-fastest repeat counts, except on `single` (`--cost-repeat` times, 5): one request's TTFT swings
-by several ms between repeats, so its cost compares the medians of the repeats' TTFTs. The verdict lines (`verdict`, `relay_verdict`) are pure functions of the
-measured summaries, tested in tests/unit/test_bench_bar.py.
+fastest repeat counts, except on `single`: there the two spindle systems alternate
+`--cost-pairs` times each, both alive (`service_bench.run_paired`), and the cost compares the
+medians of their TTFTs — one request's TTFT drifts by more than the path's few ms between the
+machine's fast and slow spells, which separate runs would not see alike. The verdict lines
+(`verdict`, `relay_verdict`) are pure functions of the measured summaries, tested in
+tests/unit/test_bench_bar.py.
 
     python -m bench.bar --dtype bfloat16 float32 --vllm-python /work/vllm-venv/bin/python \\
         --workload mixed-32 --repeat 2 --out bench/results/bar.json
@@ -34,7 +37,14 @@ from typing import Any
 
 from bench.load import best_run, clocked_summary
 from bench.report import write_report
-from bench.service_bench import WARMUP, add_engine_arguments, compare, run_in_process, run_service
+from bench.service_bench import (
+    WARMUP,
+    add_engine_arguments,
+    compare,
+    run_in_process,
+    run_paired,
+    run_service,
+)
 from bench.workloads import Workload, load_workload
 
 STATIC, IN_PROCESS, E2E, VLLM = "static", "spindle in-process", "spindle e2e", "vLLM"
@@ -241,15 +251,17 @@ def measure_dtype(
 
     workload, cost_workload = load_workload(args.workload), load_workload(args.cost_workload)
     both = [workload] if cost_workload.name == workload.name else [workload, cost_workload]
-    # the one-request TTFT workload runs `--cost-repeat` times: its cost is the median over them
-    repeats = {cost_workload.name: args.cost_repeat} if cost_workload.name != workload.name else {}
-    dtype_args = argparse.Namespace(**{**vars(args), "dtype": dtype, "workload_repeats": repeats})
+    dtype_args = argparse.Namespace(**{**vars(args), "dtype": dtype})
     peak = matmul_peak_flops(getattr(torch, dtype), args.threads)
     print(f"[{dtype}] matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
     runs: dict[str, dict[str, dict]] = {STATIC: {}}
     runs[STATIC][workload.name] = run_static(model_dir, dtype, workload, dtype_args)
-    runs[IN_PROCESS] = run_in_process(model_dir, both, dtype_args)
-    runs[E2E] = run_service(model_dir, both, dtype_args, log_dir)
+    runs[IN_PROCESS] = run_in_process(model_dir, [workload], dtype_args)
+    runs[E2E] = run_service(model_dir, [workload], dtype_args, log_dir)
+    if cost_workload.name != workload.name:  # the TTFT cost: the two alternating, both alive
+        runs[IN_PROCESS][cost_workload.name], runs[E2E][cost_workload.name] = run_paired(
+            model_dir, cost_workload, dtype_args, log_dir, args.cost_pairs
+        )
     vllm_info = None
     if args.vllm_python:
         from bench.vllm_server import run_vllm
@@ -297,10 +309,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--workload", default="mixed-32", help="the bar's workload (name or path)")
     add("--cost-workload", default="single", help="prices the service path's TTFT p50")
     add(
-        "--cost-repeat",
+        "--cost-pairs",
         type=int,
-        default=5,
-        help="runs of the cost workload per system; its TTFT cost compares their medians",
+        default=10,
+        help="runs of the cost workload per system, alternating; its TTFT cost compares their "
+        "medians",
     )
     add("--vllm-python", type=Path, default=None, help="python of vLLM's venv; none = no vLLM")
     add("--repeat", type=int, default=1, help="runs of each system per workload; fastest counts")

@@ -14,14 +14,17 @@ the same prompts, and a warm cache would let a repeat skip its prefill); the fas
 `run_served` drives any started server the same way (`bench.vllm_server.VLLMServer` too).
 
 The issue's bar: the service costs <= 5 % of the in-process throughput and <= 5 ms of TTFT p50.
-Read the TTFT cost on `single`: on mixed-32 the worker admits the requests as they reach the
-stream, a few per step, so its first prefills are smaller and earlier than the in-process engine's
-(which gets all 32 before its first step) and the service's TTFT p50 comes out *lower*.
+Read the TTFT cost on `single`, with `--pairs N` (`run_paired`: the two systems alternate, both
+alive, so a prefill's drift between the machine's fast and slow spells falls on both alike): on
+mixed-32 the worker admits the requests as they reach the stream, a few per step, so its first
+prefills are smaller and earlier than the in-process engine's (which gets all 32 before its first
+step) and the service's TTFT p50 comes out *lower*.
 On a 2-core machine with 2 torch threads, the gateway, Redis and the client take CPU from the
 worker's OpenMP threads; `--threads 1` shows the path's own cost without that contention.
 
     python -m bench.service_bench --dtype bfloat16 --workload mixed-32 \\
         --out bench/results/service.json
+    python -m bench.service_bench --dtype float32 --workload single --pairs 10
 """
 
 from __future__ import annotations
@@ -105,18 +108,11 @@ def run_in_process(
     run_spindle(llm, WARMUP, "warmup")  # untimed: first calls allocate and pick kernels
     results = {}
     for workload in workloads:
-        count = repeats_of(args, workload)
-        runs = [in_process_once(llm, workload, f"{workload.name}-{i}") for i in range(count)]
+        runs = [in_process_once(llm, workload, f"{workload.name}-{i}") for i in range(args.repeat)]
         results[workload.name] = best_run(runs)
     del llm
     gc.collect()
     return results
-
-
-def repeats_of(args: argparse.Namespace, workload: Workload) -> int:
-    """How many times to run `workload`: `args.repeat`, unless `args.workload_repeats` (name ->
-    count, set by bench.bar for its one-request TTFT workload) says otherwise."""
-    return (getattr(args, "workload_repeats", None) or {}).get(workload.name, args.repeat)
 
 
 def in_process_once(llm: Any, workload: Workload, tag: str) -> dict[str, Any]:
@@ -128,7 +124,12 @@ def in_process_once(llm: Any, workload: Workload, tag: str) -> dict[str, Any]:
     summary = clocked_summary(seconds, ttft, sum(map(len, outputs)))
     summary["cpu_s"] = round(time.process_time() - cpu_start, 2)
     summary["load_average"] = load
-    print(f"  in-process {workload.name}: {summary['output_tokens_per_s']} tok/s", flush=True)
+    ttft = summary["ttft"]["p50_ms"]
+    print(
+        f"  in-process {workload.name}: {summary['output_tokens_per_s']} tok/s, "
+        f"TTFT p50 {ttft:.1f} ms",
+        flush=True,
+    )
     return summary
 
 
@@ -246,18 +247,12 @@ class Server(Protocol):
     def cpu_by_role(self) -> dict[str, float]: ...
 
 
-def run_served(
-    server: Server, workloads: list[Workload], repeat: int, repeats: dict[str, int] | None = None
-) -> dict[str, dict[str, Any]]:
-    """One untimed warm-up request, then each workload `repeat` times (`repeats[name]` where
-    given); the fastest repeat per workload (the server is the same throughout, so run it
-    without prefix caching)."""
+def run_served(server: Server, workloads: list[Workload], repeat: int) -> dict[str, dict[str, Any]]:
+    """One untimed warm-up request, then each workload `repeat` times; the fastest repeat per
+    workload (the server is the same throughout, so run it without prefix caching)."""
     asyncio.run(run_workload(server.url, server.model, WARMUP))
-    counts = repeats or {}
     return {
-        workload.name: best_run(
-            [served_once(server, workload) for _ in range(counts.get(workload.name, repeat))]
-        )
+        workload.name: best_run([served_once(server, workload) for _ in range(repeat)])
         for workload in workloads
     }
 
@@ -274,7 +269,11 @@ def served_once(server: Server, workload: Workload) -> dict[str, Any]:
     summary["load_average"] = load
     summary["cpu_s"] = cpu
     summary["errors"] = [r.error for r in records if r.error][:3]
-    print(f"  served {workload.name}: {summary.get('output_tokens_per_s')} tok/s", flush=True)
+    ttft = (summary.get("ttft") or {}).get("p50_ms")
+    print(
+        f"  served {workload.name}: {summary.get('output_tokens_per_s')} tok/s, TTFT p50 {ttft} ms",
+        flush=True,
+    )
     return summary
 
 
@@ -284,8 +283,56 @@ def run_service(
     """`spindle serve` with the in-process engine's options, each workload `args.repeat` times."""
     options = engine_options(args)
     with Serve(model_dir, options, args.threads, log_dir / "serve.log") as serve:
-        counts = {workload.name: repeats_of(args, workload) for workload in workloads}
-        return run_served(serve, workloads, args.repeat, counts)
+        return run_served(serve, workloads, args.repeat)
+
+
+def run_paired(
+    model_dir: Path, workload: Workload, args: argparse.Namespace, log_dir: Path, pairs: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The workload `pairs` times through each system, the two alternating (`paired_order`) with
+    both alive and idle in turn: (in-process, served) summaries, each the fastest run with every
+    run's TTFT p50 in run order (`best_run`).
+
+    This prices the service path's TTFT: on these shared 2-core machines one prefill's time
+    drifts between regimes that last seconds (a 128-token bf16 prefill on the AMX Xeon: ~35 ms
+    in one, 53-65 ms in the next), so two systems measured one after the other differ by more
+    than the few ms the path costs; interleaved, both see the same regimes."""
+    import torch
+
+    from worker.engine.llm import LLM
+
+    torch.set_num_threads(args.threads)
+    llm = LLM(str(model_dir), num_threads=args.threads, **engine_options(args))
+    runs: dict[str, list[dict[str, Any]]] = {IN_PROCESS_SIDE: [], SERVED_SIDE: []}
+    try:
+        in_process_once(llm, WARMUP, "warmup")
+        with Serve(model_dir, engine_options(args), args.threads, log_dir / "paired.log") as serve:
+            asyncio.run(run_workload(serve.url, serve.model, WARMUP))
+            for index, side in enumerate(paired_order(pairs)):
+                time.sleep(PAIRED_SETTLE_S)
+                if side == IN_PROCESS_SIDE:
+                    summary = in_process_once(llm, workload, f"{workload.name}-paired-{index}")
+                else:
+                    summary = served_once(serve, workload)
+                runs[side].append(summary)
+    finally:
+        del llm
+        gc.collect()
+    return best_run(runs[IN_PROCESS_SIDE]), best_run(runs[SERVED_SIDE])
+
+
+IN_PROCESS_SIDE, SERVED_SIDE = "in-process", "served"
+PAIRED_SETTLE_S = 0.3  # between runs: the last run's threads go idle
+
+
+def paired_order(pairs: int) -> list[str]:
+    """In-process and served runs alternating, each pair in the other order than the one before
+    (ABBA ...), so neither side always runs first after a pause."""
+    order = []
+    for pair in range(pairs):
+        sides = [IN_PROCESS_SIDE, SERVED_SIDE]
+        order += sides if pair % 2 == 0 else sides[::-1]
+    return order
 
 
 def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +382,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--dtype", default="bfloat16")
     add("--workload", default="mixed-32", help="name in bench/workloads/ or path")
     add("--repeat", type=int, default=1, help="runs of each system; the fastest counts")
+    add(
+        "--pairs",
+        type=int,
+        default=0,
+        help="run the systems alternately this many times each, both alive (run_paired); "
+        "0 = one after the other, --repeat times each",
+    )
     add_engine_arguments(parser)
     add("--out", type=Path, default=Path("bench/results/service.json"))
     return parser.parse_args(argv)
@@ -352,9 +406,16 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(model_dir),
     }
     report["options"] = {**engine_options(args), "threads": args.threads}
-    report["in_process"] = run_in_process(model_dir, [workload], args)[workload.name]
     with tempfile.TemporaryDirectory(prefix="service-bench-") as log_dir:
-        report["service"] = run_service(model_dir, [workload], args, Path(log_dir))[workload.name]
+        if args.pairs:
+            report["in_process"], report["service"] = run_paired(
+                model_dir, workload, args, Path(log_dir), args.pairs
+            )
+        else:
+            report["in_process"] = run_in_process(model_dir, [workload], args)[workload.name]
+            report["service"] = run_service(model_dir, [workload], args, Path(log_dir))[
+                workload.name
+            ]
     report["comparison"] = compare(report["in_process"], report["service"])
     report["load_average_end"] = os.getloadavg()
     table = markdown_table(report)

@@ -18,7 +18,7 @@ from bench.bar import (
     system_row,
     verdict,
 )
-from bench.service_bench import as_flags
+from bench.service_bench import IN_PROCESS_SIDE, SERVED_SIDE, as_flags, paired_order
 
 
 def summary(tok_s: float, ttft_p50_ms: float = 100.0, ttft_p99_ms: float = 1000.0) -> dict:
@@ -166,3 +166,12 @@ def test_engine_options_become_worker_flags_with_boolean_pairs() -> None:
     flags = as_flags({"max_batch_size": 32, "enable_prefix_caching": False, "dtype": "bfloat16"})
     assert flags == ["--max-batch-size", "32", "--no-enable-prefix-caching", "--dtype", "bfloat16"]
     assert as_flags({"enable_prefix_caching": True}) == ["--enable-prefix-caching"]
+
+
+def test_the_paired_ttft_runs_alternate_and_swap_who_goes_first() -> None:
+    order = paired_order(3)
+    assert order == [
+        IN_PROCESS_SIDE, SERVED_SIDE, SERVED_SIDE, IN_PROCESS_SIDE, IN_PROCESS_SIDE, SERVED_SIDE
+    ]  # fmt: skip
+    assert order.count(IN_PROCESS_SIDE) == order.count(SERVED_SIDE) == 3
+    assert paired_order(0) == []
