@@ -340,10 +340,12 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"machine": machine_info(args.threads), "model": str(model_dir)}
     report["options"] = {k: str(v) for k, v in vars(args).items()}
     started = time.monotonic()
+    report["results"] = []
     with tempfile.TemporaryDirectory(prefix="bar-") as log_dir:
-        report["results"] = [
-            measure_dtype(model_dir, dtype, args, config, Path(log_dir)) for dtype in args.dtype
-        ]
+        for dtype in args.dtype:
+            report["results"].append(measure_dtype(model_dir, dtype, args, config, Path(log_dir)))
+            # what is measured so far stays written if a later dtype fails
+            write_report(args.out, report, markdown_table(report["results"], None))
         report["relay"] = measure_relay(args, Path(log_dir))
     relay = relay_verdict(report["relay"]) if args.relay_rounds > 0 else None
     report["relay_bar"] = None if relay is None else asdict(relay)
