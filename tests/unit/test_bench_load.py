@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -266,3 +267,29 @@ def test_send_one_records_http_errors_and_refused_connections() -> None:
     assert rejected.error is not None and rejected.error.startswith("HTTP 404")
     assert "no such model" in rejected.error
     assert refused.error is not None and "ConnectionRefused" in refused.error
+
+
+def test_times_count_from_the_request_write_not_the_connect(monkeypatch) -> None:
+    """A slow connect (a client opening a connection) is not part of the server's TTFT."""
+    connect = asyncio.open_connection
+
+    async def slow_connect(*args, **kwargs):
+        await asyncio.sleep(0.2)
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_connection", slow_connect)
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    body = _chunked(_chunk_json({"choices": [{"text": "a", "finish_reason": "length"}]}))
+
+    async def scenario():
+        server, port, _ = await _serve_once([head, body])
+        async with server:
+            record = RequestRecord(0, 0.0, expected_tokens=1)
+            began = time.perf_counter()
+            await send_one(httpx.URL(f"http://127.0.0.1:{port}/v1/completions"), {}, record)
+        return record, began
+
+    record, began = asyncio.run(scenario())
+    assert record.error is None
+    assert record.sent_at - began >= 0.2  # stamped once connected
+    assert record.ttft_s is not None and record.ttft_s < 0.2
