@@ -92,13 +92,19 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
-def matmul_peak_flops(dtype: torch.dtype, threads: int, size: int = 2048, reps: int = 5) -> float:
+def matmul_peak_flops(
+    dtype: torch.dtype, threads: int, size: int = 2048, reps: int = 5, budget_s: float = 5.0
+) -> float:
     """Best FLOP/s of `torch.mm` on size x size matrices (one untimed warm-up) on `threads`
-    torch threads (set here: a spindle engine in this process leaves torch on one thread)."""
+    torch threads (set here: a spindle engine in this process leaves torch on one thread). Fewer
+    timed calls where they would take over `budget_s` (at least one): on a CPU without bf16
+    arithmetic one bf16 call takes about a minute."""
     torch.set_num_threads(threads)
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
+    start = time.perf_counter()
     torch.mm(a, b)
+    reps = max(1, min(reps, int(budget_s / (time.perf_counter() - start))))
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()

@@ -16,6 +16,7 @@ from bench.bar import (
     markdown_table,
     relay_verdict,
     system_row,
+    utilisation_peak,
     verdict,
 )
 from bench.service_bench import IN_PROCESS_SIDE, SERVED_SIDE, as_flags, paired_order
@@ -175,3 +176,22 @@ def test_the_paired_ttft_runs_alternate_and_swap_who_goes_first() -> None:
     ]  # fmt: skip
     assert order.count(IN_PROCESS_SIDE) == order.count(SERVED_SIDE) == 3
     assert paired_order(0) == []
+
+
+def test_utilisation_reads_against_float32_where_the_dtype_has_no_fast_matmul() -> None:
+    assert utilisation_peak("bfloat16", 2.1e12, 3.6e11) == (2.1e12, "bfloat16")  # AMX
+    assert utilisation_peak("bfloat16", 3e8, 1.7e11) == (1.7e11, "float32")  # AVX2: a loop
+    assert utilisation_peak("float32", 1.7e11, 1.7e11) == (1.7e11, "float32")
+    result = {
+        "dtype": "bfloat16",
+        "matmul_peak_gflops": 0.3,
+        "matmul_peak_after_gflops": 0.3,
+        "utilisation_peak_gflops": 170.0,
+        "utilisation_peak_dtype": "float32",
+        "rows": [],
+        "bar": [],
+    }
+    assert (
+        "bfloat16 0.3 GFLOP/s (after: 0.3) — util against the float32 peak, 170"
+        in markdown_table([result], None)
+    )
