@@ -16,7 +16,8 @@ dropped (a resumed job may repeat one), so the response can send them in one wri
 when each of its `n` choices has finished, or at its first `cancelled`/`error` event.
 `Relay.aclose()` (also at the end of `batches()`) cancels the unfinished jobs: their ids go out on
 `spindle:cancel` and into `spindle:cancelled:{id}` (with a TTL) for jobs no worker has picked up.
-Whoever starts a relay closes it, however the request ends (`async with`, or the SSE response).
+Whoever starts a relay closes it, however the request ends (`generation.Generation`, held by the
+route's `async with` or by the SSE response).
 
 Every request shares the process's one pub/sub connection (`gateway/subscriber.py`). The deadline
 is one timer per request that fails the inbox with a 504.
@@ -225,12 +226,6 @@ class Relay:
         if self.enqueued:
             _log_request(self.jobs, self.stats)
             self._observe_generation()
-
-    async def __aenter__(self) -> Relay:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     def _observe_generation(self) -> None:
         stats = self.stats
