@@ -7,11 +7,11 @@ lengths plus the small fields), so a request does not fetch a multi-megabyte tok
 
 The gateway keeps this view fresh from a background task (`start()`: the workers and the length
 of each served model's stream every `workers_ttl_s`, the fingerprints every `refresh_s`), so a
-request reads memory, not Redis: on
-the demo model the three round trips it took cost ~1.2 ms of every lone request's TTFT. A request
-reads Redis itself only when the view is older than `STALE_PERIODS` refreshes (the task is not
-running, or Redis fails it), or when it names a model the view lacks (a worker that just started),
-and the ops routes (`/health`, `/info`, `/v1/models`) read with `max_age_s=0`.
+request reads memory, not Redis: on the demo model the three round trips it took cost ~1.2 ms of
+every lone request's TTFT. A request reads Redis itself only when the view is older than
+`STALE_PERIODS` refreshes (the task is not running, or Redis fails it), or when it names a model
+the view lacks (a worker that just started); TGI's `/info` reads with `max_age_s=0`, and
+`/health` pings Redis before it reads the view.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class ModelRegistry:
         return await self._read_workers()
 
     async def served_models(self, max_age_s: float | None = None) -> list[str]:
-        return sorted({worker.model for worker in await self.live_workers(max_age_s)})
+        return _models_of(await self.live_workers(max_age_s))
 
     async def get(self, name: str) -> ServedModel:
         """The served model called `name`: 503 if no worker is alive, 404 if none serves it."""
@@ -195,7 +195,7 @@ class ModelRegistry:
         failing = False
         while True:
             try:
-                served = sorted({worker.model for worker in await self._read_workers()})
+                served = _models_of(await self._read_workers())
                 await self._read_queue_lengths(served)
                 for name, entry in list(self._cache.items()):
                     if name in served and time.monotonic() - entry.checked_at >= self._refresh_s:
@@ -267,3 +267,8 @@ class ModelRegistry:
         self._cache[name] = _CacheEntry(model, fingerprint, time.monotonic())
         logger.info("loaded tokenizer of %s (%d tokens in vocabulary)", name, model.vocab_size)
         return model
+
+
+def _models_of(workers: list[WorkerStatus]) -> list[str]:
+    """The models these workers serve, each once, by name."""
+    return sorted({worker.model for worker in workers})
