@@ -98,6 +98,18 @@ def run_in_process(
 ) -> dict[str, dict[str, Any]]:
     """Each workload `args.repeat` times through the engine in this process, the fastest repeat
     per workload; the engine is freed before returning so the service gets the cores."""
+    llm = in_process_engine(model_dir, args)
+    results = {}
+    for workload in workloads:
+        runs = [in_process_once(llm, workload, f"{workload.name}-{i}") for i in range(args.repeat)]
+        results[workload.name] = best_run(runs)
+    del llm
+    gc.collect()
+    return results
+
+
+def in_process_engine(model_dir: Path, args: argparse.Namespace) -> Any:
+    """spindle's `LLM` in this process with the worker's engine options, warmed up."""
     import torch
 
     from bench.engine_bench import run_spindle
@@ -106,13 +118,7 @@ def run_in_process(
     torch.set_num_threads(args.threads)
     llm = LLM(str(model_dir), num_threads=args.threads, **engine_options(args))
     run_spindle(llm, WARMUP, "warmup")  # untimed: first calls allocate and pick kernels
-    results = {}
-    for workload in workloads:
-        runs = [in_process_once(llm, workload, f"{workload.name}-{i}") for i in range(args.repeat)]
-        results[workload.name] = best_run(runs)
-    del llm
-    gc.collect()
-    return results
+    return llm
 
 
 def in_process_once(llm: Any, workload: Workload, tag: str) -> dict[str, Any]:
@@ -286,6 +292,10 @@ def run_service(
         return run_served(serve, workloads, args.repeat)
 
 
+IN_PROCESS_SIDE, SERVED_SIDE = "in-process", "served"
+PAIRED_SETTLE_S = 0.3  # between runs: the last run's threads go idle
+
+
 def run_paired(
     model_dir: Path, workload: Workload, args: argparse.Namespace, log_dir: Path, pairs: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -297,15 +307,9 @@ def run_paired(
     drifts between regimes that last seconds (a 128-token bf16 prefill on the AMX Xeon: ~35 ms
     in one, 53-65 ms in the next), so two systems measured one after the other differ by more
     than the few ms the path costs; interleaved, both see the same regimes."""
-    import torch
-
-    from worker.engine.llm import LLM
-
-    torch.set_num_threads(args.threads)
-    llm = LLM(str(model_dir), num_threads=args.threads, **engine_options(args))
+    llm = in_process_engine(model_dir, args)
     runs: dict[str, list[dict[str, Any]]] = {IN_PROCESS_SIDE: [], SERVED_SIDE: []}
     try:
-        in_process_once(llm, WARMUP, "warmup")
         with Serve(model_dir, engine_options(args), args.threads, log_dir / "paired.log") as serve:
             asyncio.run(run_workload(serve.url, serve.model, WARMUP))
             for index, side in enumerate(paired_order(pairs)):
@@ -319,10 +323,6 @@ def run_paired(
         del llm
         gc.collect()
     return best_run(runs[IN_PROCESS_SIDE]), best_run(runs[SERVED_SIDE])
-
-
-IN_PROCESS_SIDE, SERVED_SIDE = "in-process", "served"
-PAIRED_SETTLE_S = 0.3  # between runs: the last run's threads go idle
 
 
 def paired_order(pairs: int) -> list[str]:
