@@ -12,6 +12,15 @@ them the run was waiting on.
     python -m bench.relay_bench --clients 32 --tokens 512 --rounds 3 --out bench/results/relay.json
 
 The bar (issue 4): >= 20,000 relayed tokens/s from one gateway process.
+
+`--lone N` measures the other side of the path instead: its latency. N streamed one-token
+completions, one at a time (`--lone-gap-s` idle between them), each timed from its request's write
+to its response headers and to its first `data:` line, read off a raw socket so no HTTP client's
+own parsing is in the figure. With a stand-in that answers at once, what remains is the service
+path's share of a request's TTFT (gateway, Redis, the hops between them), free of a prefill's
+noise; the TTFT cost `service_bench --pairs` reads adds the real worker's pickup to it.
+
+    python -m bench.relay_bench --lone 300 --lone-gap-s 0.1 --out bench/results/path.json
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,7 +179,9 @@ def relay_workload(clients: int, tokens: int) -> Workload:
     return Workload(f"relay-{clients}x{tokens}", 0, [request] * clients)
 
 
-def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def relay_stack(log_dir: Path) -> Iterator[tuple[str, dict[str, int]]]:
+    """Redis, the stand-in worker and one gateway, healthy: the gateway's URL and the pids."""
     redis_port, gateway_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     prefix = f"relay{uuid.uuid4().hex[:6]}"
@@ -184,11 +198,15 @@ def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         child(gateway_argv, log_dir, "gateway") as gateway,
     ):
         wait_healthy(url, [redis, publisher, gateway], log_dir)
-        workload = relay_workload(args.clients, args.tokens)
         asyncio.run(run_workload(url, MODEL, relay_workload(4, 16)))  # warm-up, untimed
-        pids = {"gateway": gateway.pid, "redis": redis.pid, "publisher": publisher.pid}
+        yield url, {"gateway": gateway.pid, "redis": redis.pid, "publisher": publisher.pid}
+
+
+def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    with relay_stack(log_dir) as (url, pids):
+        workload = relay_workload(args.clients, args.tokens)
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        with profiled(gateway.pid, args.profile, log_dir):
+        with profiled(pids["gateway"], args.profile, log_dir):
             client_before, start = time.process_time(), time.perf_counter()
             summaries = [
                 asyncio.run(run_workload(url, MODEL, workload)) for _ in range(args.rounds)
@@ -197,6 +215,91 @@ def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         cpu["client"] = time.process_time() - client_before
     return relay_result(args, summaries, wall_s, cpu)
+
+
+def measure_lone(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """`args.lone` one-token streamed completions, one at a time: each one's milliseconds from
+    the request's write to the response headers and to the first `data:` line."""
+    with relay_stack(log_dir) as (url, pids):
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 1, "stream": True})
+        request = _http_post(port, "/v1/completions", body.encode())
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        with profiled(pids["gateway"], args.profile, log_dir):
+            timings = []
+            for _ in range(args.lone):
+                time.sleep(args.lone_gap_s)
+                timings.append(time_lone_request(port, request))
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    headers_ms, first_data_ms = zip(*timings, strict=True)
+    return lone_result(args, list(headers_ms), list(first_data_ms), cpu)
+
+
+def _http_post(port: int, path: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+def time_lone_request(port: int, request: bytes) -> tuple[float, float]:
+    """(ms to the end of the response headers, ms to the first `data:` line) of one streamed
+    request on a new connection, read to its `[DONE]`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        received, headers_at, first_data_at = b"", None, None
+        start = time.perf_counter()
+        sock.sendall(request)
+        while b"[DONE]" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"the gateway closed the stream early: {received[-500:]!r}")
+            received += chunk
+            now = time.perf_counter()
+            if headers_at is None and b"\r\n\r\n" in received:
+                headers_at = now
+                if not received.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"not a streamed answer: {received[:500]!r}")
+            if first_data_at is None and b"data: {" in received:
+                first_data_at = now
+    assert headers_at is not None and first_data_at is not None  # both precede [DONE]
+    return (headers_at - start) * 1000, (first_data_at - start) * 1000
+
+
+def lone_result(
+    args: argparse.Namespace, headers_ms: list[float], first_data_ms: list[float], cpu: dict
+) -> dict[str, Any]:
+    def percentiles(values: list[float]) -> dict[str, float]:
+        deciles = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+        return {
+            "p10_ms": round(deciles[0], 3),
+            "p50_ms": round(statistics.median(values), 3),
+            "p90_ms": round(deciles[-1], 3),
+        }
+
+    return {
+        "lone_requests": len(first_data_ms),
+        "gap_s": args.lone_gap_s,
+        "headers": percentiles(headers_ms),
+        "first_data": percentiles(first_data_ms),
+        "cpu_ms_per_request": {
+            name: round(1000 * seconds / len(first_data_ms), 3) for name, seconds in cpu.items()
+        },
+        "load_average": os.getloadavg(),
+        "cores": os.cpu_count(),
+    }
+
+
+def lone_table(result: dict[str, Any]) -> str:
+    first, headers, cpu = result["first_data"], result["headers"], result["cpu_ms_per_request"]
+    return (
+        "| requests (gap s) | first data p50 (p10-p90) ms | headers p50 ms "
+        "| CPU ms per request: gateway / redis / stand-in |\n"
+        "|---|---|---|---|\n"
+        f"| {result['lone_requests']} ({result['gap_s']:g}) "
+        f"| **{first['p50_ms']:.2f}** ({first['p10_ms']:.2f}-{first['p90_ms']:.2f}) "
+        f"| {headers['p50_ms']:.2f} "
+        f"| {cpu['gateway']:.2f} / {cpu['redis']:.2f} / {cpu['publisher']:.2f} |\n"
+    )
 
 
 def relay_result(
@@ -250,6 +353,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, default=None, help="py-spy the gateway into this file"
     )
+    parser.add_argument(
+        "--lone", type=int, default=0, help="instead: N one-token requests one at a time (latency)"
+    )
+    parser.add_argument("--lone-gap-s", type=float, default=0.1, help="idle before each --lone")
     parser.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="spindle", help=argparse.SUPPRESS)
@@ -263,8 +370,12 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(serve_jobs(args.redis_url, args.prefix))
         return
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as log_dir:
-        result = measure(args, Path(log_dir))
-    table = markdown_table(result)
+        if args.lone:
+            result = measure_lone(args, Path(log_dir))
+            table = lone_table(result)
+        else:
+            result = measure(args, Path(log_dir))
+            table = markdown_table(result)
     write_report(args.out, result, table)
 
 

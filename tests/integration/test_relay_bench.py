@@ -1,0 +1,40 @@
+"""bench/relay_bench.py end to end on a small scale: a real gateway process fed by the stand-in
+worker, both for the relay's capacity (every token of every request arrives) and for the lone
+requests' latency (each answered, its headers before its first token)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import relay_bench
+
+
+def test_relay_capacity_counts_every_relayed_token(tmp_path: Path) -> None:
+    args = relay_bench.parse_args(["--clients", "3", "--tokens", "40", "--rounds", "2"])
+    result = relay_bench.measure(args, tmp_path)
+    assert (result["requests"], result["failed"], result["tokens"]) == (6, 0, 240)
+    assert result["tokens_per_s"] > 0 and result["cpu_s"]["gateway"] > 0
+
+
+def test_lone_requests_time_headers_then_first_token(tmp_path: Path) -> None:
+    args = relay_bench.parse_args(["--lone", "6", "--lone-gap-s", "0.01"])
+    result = relay_bench.measure_lone(args, tmp_path)
+    assert result["lone_requests"] == 6
+    headers, first = result["headers"], result["first_data"]
+    assert 0 < headers["p50_ms"] <= first["p50_ms"] < 5000
+    assert headers["p10_ms"] <= headers["p50_ms"] <= headers["p90_ms"]
+    assert set(result["cpu_ms_per_request"]) == {"gateway", "redis", "publisher"}
+    table = relay_bench.lone_table(result)
+    assert f"| 6 (0.01) | **{first['p50_ms']:.2f}**" in table
+
+
+def test_a_refused_lone_request_is_an_error_not_a_timing(tmp_path: Path) -> None:
+    with relay_bench.relay_stack(tmp_path) as (url, _pids):
+        port = int(url.rsplit(":", 1)[1])
+        unknown_model = relay_bench._http_post(
+            port, "/v1/completions", b'{"model": "nope", "prompt": "x", "stream": true}'
+        )
+        with pytest.raises(RuntimeError, match="404"):
+            relay_bench.time_lone_request(port, unknown_model)
