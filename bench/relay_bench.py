@@ -32,7 +32,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from bench.load import run_workload, summarise
+from bench.load import distribution, run_workload, summarise
 from bench.report import write_report
 from bench.workloads import BenchRequest, Workload
 from common.keys import WORKER_GROUP, Keys
@@ -218,8 +217,8 @@ def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 
 
 def measure_lone(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    """`args.lone` one-token streamed completions, one at a time: each one's milliseconds from
-    the request's write to the response headers and to the first `data:` line."""
+    """`args.lone` one-token streamed completions, one at a time: each one's time from the
+    request's write to the response headers and to the first `data:` line."""
     with relay_stack(log_dir) as (url, pids):
         port = int(url.rsplit(":", 1)[1])
         body = json.dumps({"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 1, "stream": True})
@@ -231,8 +230,8 @@ def measure_lone(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 time.sleep(args.lone_gap_s)
                 timings.append(time_lone_request(port, request))
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-    headers_ms, first_data_ms = zip(*timings, strict=True)
-    return lone_result(args, list(headers_ms), list(first_data_ms), cpu)
+    headers_s, first_data_s = zip(*timings, strict=True)
+    return lone_result(args, list(headers_s), list(first_data_s), cpu)
 
 
 def _http_post(port: int, path: str, body: bytes) -> bytes:
@@ -242,7 +241,7 @@ def _http_post(port: int, path: str, body: bytes) -> bytes:
 
 
 def time_lone_request(port: int, request: bytes) -> tuple[float, float]:
-    """(ms to the end of the response headers, ms to the first `data:` line) of one streamed
+    """(seconds to the end of the response headers, to the first `data:` line) of one streamed
     request on a new connection, read to its `[DONE]`."""
     with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -262,27 +261,19 @@ def time_lone_request(port: int, request: bytes) -> tuple[float, float]:
             if first_data_at is None and b"data: {" in received:
                 first_data_at = now
     assert headers_at is not None and first_data_at is not None  # both precede [DONE]
-    return (headers_at - start) * 1000, (first_data_at - start) * 1000
+    return headers_at - start, first_data_at - start
 
 
 def lone_result(
-    args: argparse.Namespace, headers_ms: list[float], first_data_ms: list[float], cpu: dict
+    args: argparse.Namespace, headers_s: list[float], first_data_s: list[float], cpu: dict
 ) -> dict[str, Any]:
-    def percentiles(values: list[float]) -> dict[str, float]:
-        deciles = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
-        return {
-            "p10_ms": round(deciles[0], 3),
-            "p50_ms": round(statistics.median(values), 3),
-            "p90_ms": round(deciles[-1], 3),
-        }
-
     return {
-        "lone_requests": len(first_data_ms),
+        "lone_requests": len(first_data_s),
         "gap_s": args.lone_gap_s,
-        "headers": percentiles(headers_ms),
-        "first_data": percentiles(first_data_ms),
+        "headers": distribution(headers_s),
+        "first_data": distribution(first_data_s),
         "cpu_ms_per_request": {
-            name: round(1000 * seconds / len(first_data_ms), 3) for name, seconds in cpu.items()
+            name: round(1000 * seconds / len(first_data_s), 3) for name, seconds in cpu.items()
         },
         "load_average": os.getloadavg(),
         "cores": os.cpu_count(),
@@ -292,11 +283,11 @@ def lone_result(
 def lone_table(result: dict[str, Any]) -> str:
     first, headers, cpu = result["first_data"], result["headers"], result["cpu_ms_per_request"]
     return (
-        "| requests (gap s) | first data p50 (p10-p90) ms | headers p50 ms "
+        "| requests (gap s) | first data p50 / p90 / p99 ms | headers p50 ms "
         "| CPU ms per request: gateway / redis / stand-in |\n"
         "|---|---|---|---|\n"
         f"| {result['lone_requests']} ({result['gap_s']:g}) "
-        f"| **{first['p50_ms']:.2f}** ({first['p10_ms']:.2f}-{first['p90_ms']:.2f}) "
+        f"| **{first['p50_ms']:.2f}** / {first['p90_ms']:.2f} / {first['p99_ms']:.2f} "
         f"| {headers['p50_ms']:.2f} "
         f"| {cpu['gateway']:.2f} / {cpu['redis']:.2f} / {cpu['publisher']:.2f} |\n"
     )

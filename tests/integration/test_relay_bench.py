@@ -24,7 +24,7 @@ def test_lone_requests_time_headers_then_first_token(tmp_path: Path) -> None:
     assert result["lone_requests"] == 6
     headers, first = result["headers"], result["first_data"]
     assert 0 < headers["p50_ms"] <= first["p50_ms"] < 5000
-    assert headers["p10_ms"] <= headers["p50_ms"] <= headers["p90_ms"]
+    assert headers["p50_ms"] <= headers["p90_ms"] <= headers["p99_ms"]
     assert set(result["cpu_ms_per_request"]) == {"gateway", "redis", "publisher"}
     table = relay_bench.lone_table(result)
     assert f"| 6 (0.01) | **{first['p50_ms']:.2f}**" in table
