@@ -16,9 +16,10 @@ the same prompts, and a warm cache would let a repeat skip its prefill); the fas
 The issue's bar: the service costs <= 5 % of the in-process throughput and <= 5 ms of TTFT p50.
 Read the TTFT cost on `single`, with `--pairs N` (`run_paired`: the two systems alternate, both
 alive, so a prefill's drift between the machine's fast and slow spells falls on both alike): on
-mixed-32 the worker admits the requests as they reach the stream, a few per step, so its first
-prefills are smaller and earlier than the in-process engine's (which gets all 32 before its first
-step) and the service's TTFT p50 comes out *lower*.
+mixed-32 the worker admits the requests as they reach the stream, while the in-process engine gets
+all 32 before its first step, so the two TTFT p50s differ by how the burst lands, not by the
+path. The served one has read lower (first prefills smaller and earlier) and, on the Zen 4 in
+2026-12, 0.3-0.4 s higher: the burst's first job prefilled alone while the other 31 waited.
 On a 2-core machine with 2 torch threads, the gateway, Redis and the client take CPU from the
 worker's OpenMP threads; `--threads 1` shows the path's own cost without that contention.
 
