@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from bench.load import distribution, run_workload, summarise
+from bench.load import distribution, drive, run_workload, summarise
 from bench.report import write_report
 from bench.workloads import BenchRequest, Workload
 from common.keys import WORKER_GROUP, Keys
@@ -61,6 +61,20 @@ START_TIMEOUT_S = 60.0
 # -- the publisher (a child process) -------------------------------------------------------------
 
 
+def token_event(job: Job, seq: int, worker_id: str) -> Event:
+    """The job's one-token event number `seq`; the last one carries finish and usage."""
+    last = seq == job.max_new_tokens - 1
+    return Event(
+        id=job.id,
+        seq=seq,
+        token_ids=[TOKEN_ID],
+        text=" cat",
+        finish="length" if last else None,
+        usage=Usage(len(job.prompt_ids), job.max_new_tokens) if last else None,
+        worker=worker_id,
+    )
+
+
 async def publish_job(redis: Any, keys: Keys, job: Job, worker_id: str) -> None:
     """`job.max_new_tokens` one-token events, the last with finish and usage, in pipelines."""
     channel = keys.events(job.id)
@@ -68,22 +82,42 @@ async def publish_job(redis: Any, keys: Keys, job: Job, worker_id: str) -> None:
     for first in range(0, total, EVENTS_PER_PIPELINE):
         pipe = redis.pipeline(transaction=False)
         for seq in range(first, min(first + EVENTS_PER_PIPELINE, total)):
-            last = seq == total - 1
-            event = Event(
-                id=job.id,
-                seq=seq,
-                token_ids=[TOKEN_ID],
-                text=" cat",
-                finish="length" if last else None,
-                usage=Usage(len(job.prompt_ids), total) if last else None,
-                worker=worker_id,
-            )
-            pipe.publish(channel, event.to_json())
+            pipe.publish(channel, token_event(job, seq, worker_id).to_json())
         await pipe.execute()
 
 
-async def serve_jobs(redis_url: str, prefix: str) -> None:
-    """Register + heartbeat (FakeWorker without consuming) and publish every job's tokens."""
+class SteppedPublisher:
+    """Publishes like a continuous batch decoding: every `step_s`, one event for each running
+    job, all in one pipeline. Each request then gets one event per step, so the gateway writes
+    one SSE message per token (what a served mixed-32 run asks of it), not 64 at once."""
+
+    def __init__(self, redis: Any, keys: Keys, worker_id: str, step_s: float) -> None:
+        self.redis, self.keys, self.worker_id, self.step_s = redis, keys, worker_id, step_s
+        self.running: dict[str, tuple[Job, int]] = {}  # job id -> (job, its next seq)
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, job: Job) -> None:
+        self.running[job.id] = (job, 0)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._steps())
+
+    async def _steps(self) -> None:
+        while self.running:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, (job, seq) in list(self.running.items()):
+                event = token_event(job, seq, self.worker_id)
+                pipe.publish(self.keys.events(job_id), event.to_json())
+                if seq + 1 == job.max_new_tokens:
+                    del self.running[job_id]
+                else:
+                    self.running[job_id] = (job, seq + 1)
+            await pipe.execute()
+            await asyncio.sleep(self.step_s)
+
+
+async def serve_jobs(redis_url: str, prefix: str, step_ms: float = 0.0) -> None:
+    """Register + heartbeat (FakeWorker without consuming) and publish every job's tokens: as
+    fast as Redis takes them, or with `step_ms` > 0 one per job per step (`SteppedPublisher`)."""
     from redis.asyncio import Redis
     from redis.exceptions import ResponseError
 
@@ -97,6 +131,7 @@ async def serve_jobs(redis_url: str, prefix: str) -> None:
         await redis.xgroup_create(stream, WORKER_GROUP, id="0", mkstream=True)
     heartbeat = asyncio.create_task(registrar.run())
     running: set[asyncio.Task[None]] = set()
+    stepped = SteppedPublisher(redis, keys, registrar.worker_id, step_ms / 1000)
     while True:
         batches = await redis.xreadgroup(
             WORKER_GROUP, registrar.worker_id, {stream: ">"}, count=64, block=100
@@ -104,9 +139,12 @@ async def serve_jobs(redis_url: str, prefix: str) -> None:
         for _, entries in batches or []:
             for entry_id, fields in entries:
                 job = Job.from_json(fields[b"job"])
-                task = asyncio.create_task(publish_job(redis, keys, job, registrar.worker_id))
-                running.add(task)
-                task.add_done_callback(running.discard)
+                if step_ms > 0:
+                    stepped.add(job)
+                else:
+                    task = asyncio.create_task(publish_job(redis, keys, job, registrar.worker_id))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
                 await redis.xack(stream, WORKER_GROUP, entry_id)
                 await redis.xdel(stream, entry_id)
         if heartbeat.done():
@@ -164,7 +202,7 @@ def profiled(pid: int, out: Path | None, log_dir: Path) -> Iterator[None]:
     out.parent.mkdir(parents=True, exist_ok=True)
     kind = "flamegraph" if out.suffix == ".svg" else "raw"
     argv = ["py-spy", "record", "--pid", str(pid), "--output", str(out), "--format", kind,
-            "--rate", "200", "--nonblocking"]  # fmt: skip
+            "--rate", "1000", "--nonblocking"]  # fmt: skip
     with child(argv, log_dir, "py-spy"):
         time.sleep(1.0)  # py-spy attaches before the load starts
         yield
@@ -179,14 +217,16 @@ def relay_workload(clients: int, tokens: int) -> Workload:
 
 
 @contextlib.contextmanager
-def relay_stack(log_dir: Path) -> Iterator[tuple[str, dict[str, int]]]:
-    """Redis, the stand-in worker and one gateway, healthy: the gateway's URL and the pids."""
+def relay_stack(log_dir: Path, step_ms: float = 0.0) -> Iterator[tuple[str, dict[str, int]]]:
+    """Redis, the stand-in worker (stepped if `step_ms` > 0) and one gateway, healthy: the
+    gateway's URL and the pids."""
     redis_port, gateway_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     prefix = f"relay{uuid.uuid4().hex[:6]}"
     redis_argv = ephemeral_redis_argv(redis_port)
     publisher_argv = [sys.executable, "-m", "bench.relay_bench", "--publisher",
-                      "--redis-url", redis_url, "--prefix", prefix]  # fmt: skip
+                      "--redis-url", redis_url, "--prefix", prefix,
+                      "--step-ms", str(step_ms)]  # fmt: skip
     gateway_argv = [sys.executable, "-m", "gateway", "--host", "127.0.0.1",
                     "--port", str(gateway_port), "--redis-url", redis_url, "--prefix", prefix,
                     "--log-level", "warning"]  # fmt: skip
@@ -197,19 +237,17 @@ def relay_stack(log_dir: Path) -> Iterator[tuple[str, dict[str, int]]]:
         child(gateway_argv, log_dir, "gateway") as gateway,
     ):
         wait_healthy(url, [redis, publisher, gateway], log_dir)
-        asyncio.run(run_workload(url, MODEL, relay_workload(4, 16)))  # warm-up, untimed
+        drive(run_workload(url, MODEL, relay_workload(4, 16)))  # warm-up, untimed
         yield url, {"gateway": gateway.pid, "redis": redis.pid, "publisher": publisher.pid}
 
 
 def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    with relay_stack(log_dir) as (url, pids):
+    with relay_stack(log_dir, args.step_ms) as (url, pids):
         workload = relay_workload(args.clients, args.tokens)
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         with profiled(pids["gateway"], args.profile, log_dir):
             client_before, start = time.process_time(), time.perf_counter()
-            summaries = [
-                asyncio.run(run_workload(url, MODEL, workload)) for _ in range(args.rounds)
-            ]
+            summaries = [drive(run_workload(url, MODEL, workload)) for _ in range(args.rounds)]
             wall_s = time.perf_counter() - start
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         cpu["client"] = time.process_time() - client_before
@@ -304,6 +342,7 @@ def relay_result(
         "clients": args.clients,
         "tokens_per_request": args.tokens,
         "rounds": args.rounds,
+        "step_ms": args.step_ms,
         "requests": len(records),
         "failed": failed,
         "tokens": tokens,
@@ -320,6 +359,7 @@ def relay_result(
 
 def markdown_table(result: dict[str, Any]) -> str:
     cpu = result["cpu_s"]
+    stepped = f" (a step every {result['step_ms']:g} ms)" if result.get("step_ms") else ""
     shares = " / ".join(
         f"{name} {cpu[name] / result['wall_s']:.0%}"
         for name in ("gateway", "redis", "publisher", "client")
@@ -328,7 +368,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         "| clients x tokens x rounds | tokens | failed | s | relayed tok/s (best round) "
         "| gateway CPU s / 1k tok | CPU share of wall: gateway / redis / publisher / client |\n"
         "|---|---|---|---|---|---|---|\n"
-        f"| {result['clients']} x {result['tokens_per_request']} x {result['rounds']} "
+        f"| {result['clients']} x {result['tokens_per_request']} x {result['rounds']}{stepped} "
         f"| {result['tokens']} | {result['failed']} | {result['wall_s']:.2f} "
         f"| **{result['tokens_per_s']:,.0f}** ({result['best_round_tokens_per_s']:,.0f}) "
         f"| {result['gateway_cpu_s_per_1k_tokens']:.3f} | {shares} |\n"
@@ -348,6 +388,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lone", type=int, default=0, help="instead: N one-token requests one at a time (latency)"
     )
     parser.add_argument("--lone-gap-s", type=float, default=0.1, help="idle before each --lone")
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="publish one token per request every STEP_MS, as a decoding batch does (0: flat out)",
+    )
     parser.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="spindle", help=argparse.SUPPRESS)
@@ -358,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.publisher:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_jobs(args.redis_url, args.prefix))
+            asyncio.run(serve_jobs(args.redis_url, args.prefix, args.step_ms))
         return
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as log_dir:
         if args.lone:

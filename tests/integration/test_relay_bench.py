@@ -18,6 +18,17 @@ def test_relay_capacity_counts_every_relayed_token(tmp_path: Path) -> None:
     assert result["tokens_per_s"] > 0 and result["cpu_s"]["gateway"] > 0
 
 
+def test_stepped_publishing_relays_every_token_one_step_at_a_time(tmp_path: Path) -> None:
+    args = relay_bench.parse_args(
+        ["--clients", "4", "--tokens", "10", "--rounds", "1", "--step-ms", "30"]
+    )
+    result = relay_bench.measure(args, tmp_path)
+    assert (result["requests"], result["failed"], result["tokens"]) == (4, 0, 40)
+    # Ten steps 30 ms apart: no request can finish before nine gaps have passed.
+    assert result["wall_s"] >= 9 * 0.030
+    assert "(a step every 30 ms)" in relay_bench.markdown_table(result)
+
+
 def test_lone_requests_time_headers_then_first_token(tmp_path: Path) -> None:
     args = relay_bench.parse_args(["--lone", "6", "--lone-gap-s", "0.01"])
     result = relay_bench.measure_lone(args, tmp_path)
