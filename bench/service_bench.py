@@ -31,7 +31,6 @@ worker's OpenMP threads; `--threads 1` shows the path's own cost without that co
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import os
 import signal
@@ -45,7 +44,14 @@ from typing import Any, Protocol
 
 import httpx
 
-from bench.load import best_run, clocked_summary, median_ttft_p50_ms, run_workload, summarise
+from bench.load import (
+    best_run,
+    clocked_summary,
+    drive,
+    median_ttft_p50_ms,
+    run_workload,
+    summarise,
+)
 from bench.report import write_report
 from bench.workloads import BenchRequest, Workload, load_workload
 from common.launcher import free_port
@@ -257,7 +263,7 @@ class Server(Protocol):
 def run_served(server: Server, workloads: list[Workload], repeat: int) -> dict[str, dict[str, Any]]:
     """One untimed warm-up request, then each workload `repeat` times; the fastest repeat per
     workload (the server is the same throughout, so run it without prefix caching)."""
-    asyncio.run(run_workload(server.url, server.model, WARMUP))
+    drive(run_workload(server.url, server.model, WARMUP))
     return {
         workload.name: best_run([served_once(server, workload) for _ in range(repeat)])
         for workload in workloads
@@ -267,7 +273,7 @@ def run_served(server: Server, workloads: list[Workload], repeat: int) -> dict[s
 def served_once(server: Server, workload: Workload) -> dict[str, Any]:
     load = os.getloadavg()[0]
     cpu_before, client_before = server.cpu_by_role(), time.process_time()
-    records = asyncio.run(run_workload(server.url, server.model, workload))
+    records = drive(run_workload(server.url, server.model, workload))
     cpu = {
         role: round(s - cpu_before.get(role, 0.0), 2) for role, s in server.cpu_by_role().items()
     }
@@ -298,32 +304,42 @@ PAIRED_SETTLE_S = 0.3  # between runs: the last run's threads go idle
 
 
 def run_paired(
-    model_dir: Path, workload: Workload, args: argparse.Namespace, log_dir: Path, pairs: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The workload `pairs` times through each system, the two alternating (`paired_order`) with
-    both alive and idle in turn: (in-process, served) summaries, each the fastest run with every
-    run's TTFT p50 in run order (`best_run`).
+    model_dir: Path,
+    plan: list[tuple[Workload, int]],
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Each (workload, pairs) of `plan` in turn, `pairs` times through each system, the two
+    alternating (`paired_order`) with both alive and idle in turn: (in-process, served) summaries
+    by workload name, each the fastest run with every run's tokens/s and TTFT p50 in run order
+    (`best_run`).
 
-    This prices the service path's TTFT: on these shared 2-core machines one prefill's time
-    drifts between regimes that last seconds (a 128-token bf16 prefill on the AMX Xeon: ~35 ms
-    in one, 53-65 ms in the next), so two systems measured one after the other differ by more
-    than the few ms the path costs; interleaved, both see the same regimes."""
+    This prices the service path: on these shared 2-core machines the speed drifts between
+    regimes that last seconds to minutes (a 128-token bf16 prefill on the AMX Xeon: ~35 ms in
+    one, 53-65 ms in the next; a Zen 4 ran every system ~13 % faster an hour later), so two
+    systems measured one after the other differ by more than the few ms or per cent the path
+    costs; interleaved, both see the same regimes."""
     llm = in_process_engine(model_dir, args)
-    runs: dict[str, list[dict[str, Any]]] = {IN_PROCESS_SIDE: [], SERVED_SIDE: []}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {IN_PROCESS_SIDE: {}, SERVED_SIDE: {}}
     try:
         with Serve(model_dir, engine_options(args), args.threads, log_dir / "paired.log") as serve:
-            asyncio.run(run_workload(serve.url, serve.model, WARMUP))
-            for index, side in enumerate(paired_order(pairs)):
-                time.sleep(PAIRED_SETTLE_S)
-                if side == IN_PROCESS_SIDE:
-                    summary = in_process_once(llm, workload, f"{workload.name}-paired-{index}")
-                else:
-                    summary = served_once(serve, workload)
-                runs[side].append(summary)
+            drive(run_workload(serve.url, serve.model, WARMUP))
+            for workload, pairs in plan:
+                for index, side in enumerate(paired_order(pairs)):
+                    time.sleep(PAIRED_SETTLE_S)
+                    if side == IN_PROCESS_SIDE:
+                        summary = in_process_once(llm, workload, f"{workload.name}-paired-{index}")
+                    else:
+                        summary = served_once(serve, workload)
+                    runs[side].setdefault(workload.name, []).append(summary)
     finally:
         del llm
         gc.collect()
-    return best_run(runs[IN_PROCESS_SIDE]), best_run(runs[SERVED_SIDE])
+    in_process, served = (
+        {name: best_run(summaries) for name, summaries in runs[side].items()}
+        for side in (IN_PROCESS_SIDE, SERVED_SIDE)
+    )
+    return in_process, served
 
 
 def paired_order(pairs: int) -> list[str]:
@@ -409,8 +425,12 @@ def main(argv: list[str] | None = None) -> None:
     report["options"] = {**engine_options(args), "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="service-bench-") as log_dir:
         if args.pairs:
-            report["in_process"], report["service"] = run_paired(
-                model_dir, workload, args, Path(log_dir), args.pairs
+            in_process, served = run_paired(
+                model_dir, [(workload, args.pairs)], args, Path(log_dir)
+            )
+            report["in_process"], report["service"] = (
+                in_process[workload.name],
+                served[workload.name],
             )
         else:
             report["in_process"] = run_in_process(model_dir, [workload], args)[workload.name]
