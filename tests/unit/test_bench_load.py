@@ -18,6 +18,7 @@ from bench.load import (
     clocked_summary,
     completion_body,
     distribution,
+    drive,
     inter_token_latencies,
     markdown_table,
     median_ttft_p50_ms,
@@ -218,7 +219,8 @@ def _chunk_json(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
-def test_send_one_streams_a_chunked_sse_completion() -> None:
+@pytest.mark.parametrize("run", [asyncio.run, drive], ids=["asyncio", "drive (uvloop)"])
+def test_send_one_streams_a_chunked_sse_completion(run) -> None:
     head = (
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
     )
@@ -239,7 +241,7 @@ def test_send_one_streams_a_chunked_sse_completion() -> None:
             await send_one(url, {"prompt": [1, 2]}, record, {"Authorization": "Bearer k"})
         return record, received
 
-    record, received = asyncio.run(scenario())
+    record, received = run(scenario())
     assert record.error is None
     assert record.output_tokens == 2
     assert len(record.chunk_times) == 2
@@ -271,13 +273,13 @@ def test_send_one_records_http_errors_and_refused_connections() -> None:
 
 def test_times_count_from_the_request_write_not_the_connect(monkeypatch) -> None:
     """A slow connect (a client opening a connection) is not part of the server's TTFT."""
-    connect = asyncio.open_connection
+    connect = asyncio.BaseEventLoop.create_connection
 
-    async def slow_connect(*args, **kwargs):
+    async def slow_connect(loop, *args, **kwargs):
         await asyncio.sleep(0.2)
-        return await connect(*args, **kwargs)
+        return await connect(loop, *args, **kwargs)
 
-    monkeypatch.setattr(asyncio, "open_connection", slow_connect)
+    monkeypatch.setattr(asyncio.BaseEventLoop, "create_connection", slow_connect)
     head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
     body = _chunked(_chunk_json({"choices": [{"text": "a", "finish_reason": "length"}]}))
 
@@ -293,3 +295,39 @@ def test_times_count_from_the_request_write_not_the_connect(monkeypatch) -> None
     assert record.error is None
     assert record.sent_at - began >= 0.2  # stamped once connected
     assert record.ttft_s is not None and record.ttft_s < 0.2
+
+
+def test_a_head_split_across_reads_and_a_body_in_the_head_s_read_are_both_kept() -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    body = _chunked(
+        _chunk_json({"choices": [{"text": "a", "finish_reason": None}]}),
+        _chunk_json({"choices": [{"text": "b", "finish_reason": "length"}]}),
+    )
+
+    async def scenario():
+        server, port, _ = await _serve_once([head[:7], head[7:] + body[:40], body[40:]])
+        async with server:
+            record = RequestRecord(0, 0.0, expected_tokens=2)
+            await send_one(httpx.URL(f"http://127.0.0.1:{port}/v1/completions"), {}, record)
+        return record
+
+    record = asyncio.run(scenario())
+    assert record.error is None
+    assert len(record.chunk_times) == 2
+
+
+def test_an_answer_that_is_not_http_is_an_error() -> None:
+    async def scenario():
+        server, port, _ = await _serve_once([b"SSH-2.0-OpenSSH\r\n\r\n"])
+        async with server:
+            record = RequestRecord(0, 0.0)
+            await send_one(httpx.URL(f"http://127.0.0.1:{port}/v1/completions"), {}, record)
+        cut = RequestRecord(1, 0.0)
+        server, port, _ = await _serve_once([b"HTTP/1.1 200 OK\r\n"])  # closed mid-head
+        async with server:
+            await send_one(httpx.URL(f"http://127.0.0.1:{port}/v1/completions"), {}, cut)
+        return record, cut
+
+    record, cut = asyncio.run(scenario())
+    assert record.error is not None and record.error.startswith("ValueError: not an HTTP")
+    assert cut.error is not None and cut.error.startswith("IncompleteReadError")
