@@ -126,12 +126,26 @@ def service_lines(
         pct = compare(in_process, e2e)["throughput_cost_pct"]
         throughput.measured, throughput.value = f"{pct:.1f} %", pct
         throughput.passed = pct <= SERVICE_COST_PCT_BAR
+        if each := pair_costs_pct(in_process, e2e):
+            throughput.measured += " (each pair: " + ", ".join(f"{c:.1f}" for c in each) + " %)"
     in_process, e2e = cost_workload.get(IN_PROCESS), cost_workload.get(E2E)
     if in_process and e2e and tokens_per_s(in_process) and tokens_per_s(e2e):
         cost = compare(in_process, e2e)["ttft_p50_cost_ms"]
         ttft.measured, ttft.value = f"{cost:+.1f} ms", cost
         ttft.passed = cost <= SERVICE_TTFT_MS_BAR
     return [throughput, ttft]
+
+
+def pair_costs_pct(in_process: dict, e2e: dict) -> list[float]:
+    """1 - served / in-process tok/s of each alternating pair (`service_bench.run_paired` keeps
+    every run's rate in run order, the i-th of each side being the i-th pair), for two or more
+    pairs: adjacent runs share the machine's spell, so their spread shows how far the fastest
+    runs' cost can be trusted."""
+    mine = in_process.get("repeat_tokens_per_s") or []
+    served = e2e.get("repeat_tokens_per_s") or []
+    if len(mine) < 2 or len(mine) != len(served) or not all(mine) or not all(served):
+        return []
+    return [100 * (1 - theirs / ours) for ours, theirs in zip(mine, served, strict=True)]
 
 
 def verdict(runs: dict[str, dict[str, dict]], workload: str, cost_workload: str) -> list[BarLine]:

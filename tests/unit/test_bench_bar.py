@@ -195,3 +195,19 @@ def test_utilisation_reads_against_float32_where_the_dtype_has_no_fast_matmul() 
         "bfloat16 0.3 GFLOP/s (after: 0.3) — util against the float32 peak, 170"
         in markdown_table([result], None)
     )
+
+
+def test_the_throughput_cost_shows_each_alternating_pair() -> None:
+    in_process = {**summary(400.0), "repeat_tokens_per_s": [380.0, 400.0]}
+    e2e = {**summary(390.0), "repeat_tokens_per_s": [361.0, 390.0]}
+    lines = by_bar(
+        verdict(runs(in_process=dict(mixed=in_process), e2e=dict(mixed=e2e)), "mixed", "single")
+    )
+    cost = lines["service throughput cost"]
+    assert cost.value == pytest.approx(2.5)  # the fastest runs: 390 against 400
+    assert cost.measured == "2.5 % (each pair: 5.0, 2.5 %)"
+    lone = {**summary(400.0), "repeat_tokens_per_s": [400.0]}
+    lines = by_bar(
+        verdict(runs(in_process=dict(mixed=lone), e2e=dict(mixed=e2e)), "mixed", "single")
+    )
+    assert lines["service throughput cost"].measured == "2.5 %"  # no pairs to show
