@@ -231,8 +231,8 @@ class Serve(ServerProcess):
                 stat = (entry / "stat").read_text()
                 if int(stat[stat.rindex(")") + 2 :].split()[1]) != self.process.pid:
                     continue
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                role = next((r for r in ("worker", "gateway", "redis") if r in command), command)
+                argv = (entry / "cmdline").read_bytes().decode().split("\0")
+                role = process_role(argv)
                 usage[role] = usage.get(role, 0.0) + cpu_seconds(int(entry.name))
             except (OSError, ValueError):
                 continue  # exited meanwhile
@@ -247,6 +247,20 @@ class Serve(ServerProcess):
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+def process_role(argv: list[str]) -> str:
+    """What a child of `spindle serve` is, from its command line: "redis", "worker" or "gateway"
+    (`python -m worker ...`, a rank's `-m worker.*` included), else its program's name. Not a
+    substring search: the worker's and the gateway's flags name Redis too (`--redis-url`)."""
+    program = Path(argv[0]).name if argv and argv[0] else "?"
+    if program.startswith("redis-server"):  # Redis rewrites its title: "redis-server host:port"
+        return "redis"
+    if "-m" in argv[:-1]:
+        module = argv[argv.index("-m") + 1].split(".")[0]
+        if module in ("worker", "gateway"):
+            return module
+    return program
 
 
 class Server(Protocol):

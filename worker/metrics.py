@@ -6,7 +6,9 @@ finished or refused job (`finished()`), resumes, dead letters and generated toke
 loop pass, so they fall back to zero when the worker is idle.
 
 A step's composition (batch size, tokens, prefill or decode) is the engine's `last_step`, the
-scheduler output it just ran.
+scheduler output it just ran; at debug level each step is also logged, with its start on
+`time.perf_counter`'s clock (the same clock across processes on Linux, so a benchmark's
+client times and the worker's steps line up).
 """
 
 from __future__ import annotations
@@ -129,7 +131,14 @@ class WorkerMetrics:
         self.batch_size.observe(len(output.scheduled))
         self.batch_tokens.observe(output.num_batched_tokens)
         prefill = any(item.num_tokens > 1 for item in output.scheduled)
-        self.step_seconds.labels("prefill" if prefill else "decode").observe(elapsed)
+        kind = "prefill" if prefill else "decode"
+        self.step_seconds.labels(kind).observe(elapsed)
+        # `--log-level debug` traces every step: how a served burst was scheduled, and how long
+        # each step took, next to an in-process run of the same workload
+        log.debug(
+            "step at %.3f: %.1f ms, %s, %d sequences, %d tokens",
+            started, 1000 * elapsed, kind, len(output.scheduled), output.num_batched_tokens,
+        )  # fmt: skip
 
     def observe_engine(self, stats: dict[str, int], preemptions: int) -> None:
         """Refresh the gauges from `engine.stats()` and the scheduler's preemption count."""

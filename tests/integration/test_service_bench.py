@@ -28,3 +28,6 @@ def test_paired_runs_each_workload_on_both_systems(demo_model_dir: Path, tmp_pat
         assert (side["two"]["output_tokens"], side["one"]["output_tokens"]) == (8, 4)
         assert side["two"]["output_tokens_per_s"] == max(side["two"]["repeat_tokens_per_s"])
     assert not served["two"]["failed"] and not served["one"]["failed"]
+    # each child of `spindle serve` by its role (the worker's and gateway's flags name Redis too)
+    assert {"worker", "gateway", "redis", "client"} <= set(served["two"]["cpu_s"])
+    assert served["two"]["cpu_s"]["worker"] > 0

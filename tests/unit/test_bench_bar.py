@@ -19,7 +19,13 @@ from bench.bar import (
     utilisation_peak,
     verdict,
 )
-from bench.service_bench import IN_PROCESS_SIDE, SERVED_SIDE, as_flags, paired_order
+from bench.service_bench import (
+    IN_PROCESS_SIDE,
+    SERVED_SIDE,
+    as_flags,
+    paired_order,
+    process_role,
+)
 
 
 def summary(tok_s: float, ttft_p50_ms: float = 100.0, ttft_p99_ms: float = 1000.0) -> dict:
@@ -211,3 +217,12 @@ def test_the_throughput_cost_shows_each_alternating_pair() -> None:
         verdict(runs(in_process=dict(mixed=lone), e2e=dict(mixed=e2e)), "mixed", "single")
     )
     assert lines["service throughput cost"].measured == "2.5 %"  # no pairs to show
+
+
+def test_serve_children_are_told_apart_by_program_and_module() -> None:
+    python = "/work/main/.venv/bin/python"
+    assert process_role(["/usr/bin/redis-server 127.0.0.1:6380", ""]) == "redis"
+    assert process_role([python, "-m", "worker", "--redis-url", "redis://x", ""]) == "worker"
+    assert process_role([python, "-m", "gateway", "--redis-url", "redis://x", ""]) == "gateway"
+    assert process_role([python, "-m", "worker.parallel.rank", "--rank", "1"]) == "worker"
+    assert process_role([python, "-m", "common.cli", "serve", "--redis-url", "r"]) == "python"
