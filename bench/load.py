@@ -292,20 +292,26 @@ class _ResponseReader(asyncio.Protocol):
             self.done.set_exception(error)
 
 
-async def _post_streaming(
-    url: httpx.URL, body: bytes, headers: dict[str, str], response: _StreamedResponse
-) -> None:
-    """POST `body` over a fresh connection and read the response to its end into `response`."""
+def http_post(host: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """An HTTP/1.1 POST of a JSON `body` asking for an event stream, on a connection the server
+    closes after its answer: the bytes to write."""
     head = [
-        f"POST {url.raw_path.decode()} HTTP/1.1",
-        f"Host: {url.netloc.decode()}",
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
         "Content-Type: application/json",
         "Accept: text/event-stream",
         f"Content-Length: {len(body)}",
         "Connection: close",
-        *(f"{name}: {value}" for name, value in headers.items()),
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
     ]
-    request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _post_streaming(
+    url: httpx.URL, body: bytes, headers: dict[str, str], response: _StreamedResponse
+) -> None:
+    """POST `body` over a fresh connection and read the response to its end into `response`."""
+    request = http_post(url.netloc.decode(), url.raw_path.decode(), body, headers)
     loop = asyncio.get_running_loop()
     transport, reader = await loop.create_connection(
         lambda: _ResponseReader(request, response), url.host, url.port or 80

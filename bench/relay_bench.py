@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from bench.load import distribution, drive, run_workload, summarise
+from bench.load import distribution, drive, http_post, run_workload, summarise
 from bench.report import write_report
 from bench.workloads import BenchRequest, Workload
 from common.keys import WORKER_GROUP, Keys
@@ -162,6 +162,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
+def cpu_used(pids: dict[str, int]) -> Iterator[dict[str, float]]:
+    """A dict that, once the block has run, holds each named process's CPU seconds during it."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    used: dict[str, float] = {}
+    yield used
+    used.update({name: cpu_seconds(pid) - before[name] for name, pid in pids.items()})
+
+
+@contextlib.contextmanager
 def child(argv: list[str], log_dir: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
     """A child process logging to `log_dir/name.log`, interrupted (then killed) on exit."""
     with (log_dir / f"{name}.log").open("wb") as log:
@@ -244,12 +253,10 @@ def relay_stack(log_dir: Path, step_ms: float = 0.0) -> Iterator[tuple[str, dict
 def measure(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     with relay_stack(log_dir, args.step_ms) as (url, pids):
         workload = relay_workload(args.clients, args.tokens)
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        with profiled(pids["gateway"], args.profile, log_dir):
+        with cpu_used(pids) as cpu, profiled(pids["gateway"], args.profile, log_dir):
             client_before, start = time.process_time(), time.perf_counter()
             summaries = [drive(run_workload(url, MODEL, workload)) for _ in range(args.rounds)]
             wall_s = time.perf_counter() - start
-        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         cpu["client"] = time.process_time() - client_before
     return relay_result(args, summaries, wall_s, cpu)
 
@@ -260,22 +267,14 @@ def measure_lone(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     with relay_stack(log_dir) as (url, pids):
         port = int(url.rsplit(":", 1)[1])
         body = json.dumps({"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 1, "stream": True})
-        request = _http_post(port, "/v1/completions", body.encode())
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        with profiled(pids["gateway"], args.profile, log_dir):
+        request = http_post(f"127.0.0.1:{port}", "/v1/completions", body.encode())
+        with cpu_used(pids) as cpu, profiled(pids["gateway"], args.profile, log_dir):
             timings = []
             for _ in range(args.lone):
                 time.sleep(args.lone_gap_s)
                 timings.append(time_lone_request(port, request))
-        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     headers_s, first_data_s = zip(*timings, strict=True)
     return lone_result(args, list(headers_s), list(first_data_s), cpu)
-
-
-def _http_post(port: int, path: str, body: bytes) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
-    return head.encode() + body
 
 
 def time_lone_request(port: int, request: bytes) -> tuple[float, float]:

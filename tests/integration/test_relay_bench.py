@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import relay_bench
+from bench.load import http_post
 
 
 def test_relay_capacity_counts_every_relayed_token(tmp_path: Path) -> None:
@@ -47,8 +48,10 @@ def test_lone_requests_time_headers_then_first_token(tmp_path: Path) -> None:
 def test_a_refused_lone_request_is_an_error_not_a_timing(tmp_path: Path) -> None:
     with relay_bench.relay_stack(tmp_path) as (url, _pids):
         port = int(url.rsplit(":", 1)[1])
-        unknown_model = relay_bench._http_post(
-            port, "/v1/completions", b'{"model": "nope", "prompt": "x", "stream": true}'
+        unknown_model = http_post(
+            f"127.0.0.1:{port}",
+            "/v1/completions",
+            b'{"model": "nope", "prompt": "x", "stream": true}',
         )
         with pytest.raises(RuntimeError, match="404"):
             relay_bench.time_lone_request(port, unknown_model)
