@@ -180,7 +180,7 @@ def f32_native():
 
 
 @pytest.mark.skipif(f32_native() is None, reason="no AVX-512 or AVX2 here: linear_f32 is not built")
-@pytest.mark.parametrize("rows", [0, 1, 11, 12, 13, 32, 300])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 11, 12, 13, 32, 300])  # 3 x rows: every tile tail
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_the_native_fp32_product_equals_the_exact_one(rows, with_bias):
     gen = torch.Generator().manual_seed(rows)
@@ -237,7 +237,7 @@ def test_gate_up_without_a_fusing_kernel_applies_the_activation_after(monkeypatc
 
 
 @pytest.mark.skipif(f32_native() is None, reason="no AVX-512 or AVX2 here: linear_f32 is not built")
-@pytest.mark.parametrize("rows", [0, 1, 11, 12, 13, 300])
+@pytest.mark.parametrize("rows", [0, 1, 7, 8, 9, 11, 12, 13, 300])
 def test_the_fused_fp32_gate_up_equals_product_then_activation(rows):
     """In float32 the fused kernel's SiLU(gate) * up is bit for bit the native product followed by
     SiluAndMul (same sums, same SiLU), and its plain product undoes the interleaving."""

@@ -13,7 +13,7 @@
 // (linear_f32_silu_mul) multiplies gate and up column blocks packed in alternation and writes
 // SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
 //
-// Two register tilings: with AVX-512, 12 rows x 32 columns (24 accumulators); with AVX2 + FMA (16
+// Two register tilings: with AVX-512, 8 rows x 32 columns (16 accumulators); with AVX2 + FMA (16
 // registers: AMD Zen 2/3, Intel Haswell to Alder Lake), 6 rows x 16 columns (12 accumulators),
 // the block's two 16-column halves one after the other — so there a block is packed as its two
 // halves' runs ([N/32][2][K][16]), each read in order (with the halves' rows interleaved, every
@@ -49,7 +49,12 @@ constexpr int64_t RUN = 32;  // [N/32][K][32]
 
 #if SPINDLE_F32_LINEAR == 512
 
-constexpr int ROWS = 12;  // rows of x per register tile (24 accumulators)
+// Rows of x per register tile (16 accumulators). 12 rows (24 accumulators) ran 2-4 % slower on
+// Zen 4 at every batch from 32 to 2,048 rows (one layer's linears, 2 threads, alternating: 220
+// against 228 GFLOP/s at 2,048 rows, 206 against 211 at 32; a standalone one-core tile over
+// L2-resident blocks 106 against 112-114, the FMA peak ~115), and a 256-row chunk is 21 tiles
+// of 12 and a partial one of 4.
+constexpr int ROWS = 8;
 
 // Rows [0, R) of x times one packed block `w` into y; `next` (the next block, or null) is
 // prefetched into L2 on the way.
