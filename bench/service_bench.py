@@ -31,6 +31,7 @@ worker's OpenMP threads; `--threads 1` shows the path's own cost without that co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import signal
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -422,7 +424,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_engine_arguments(parser)
     add("--out", type=Path, default=Path("bench/results/service.json"))
+    add(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="keep the served system's log here (with SPINDLE_BENCH_LOG_LEVEL=DEBUG it holds "
+        "the worker's per-step lines); default: a temporary folder",
+    )
     return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def log_folder(keep: Path | None) -> Iterator[str]:
+    """`keep` (created), or a temporary folder removed afterwards."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield str(keep)
+        return
+    with tempfile.TemporaryDirectory(prefix="service-bench-") as log_dir:
+        yield log_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -437,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(model_dir),
     }
     report["options"] = {**engine_options(args), "threads": args.threads}
-    with tempfile.TemporaryDirectory(prefix="service-bench-") as log_dir:
+    with log_folder(args.log_dir) as log_dir:
         if args.pairs:
             in_process, served = run_paired(
                 model_dir, [(workload, args.pairs)], args, Path(log_dir)

@@ -81,35 +81,55 @@ inline void prefetch_block(const T* head, const int64_t* table, int64_t block_in
     __builtin_prefetch(block + offset, 0, PREFETCH_TO_L2);
 }
 
+// Where a pass over a KV head's context reads: the head's cache, the block table, the length.
+template <typename T>
+struct Rows {
+  const T* head = nullptr;  // null: nothing
+  const int64_t* table = nullptr;
+  int64_t length = 0;
+};
+
 // One KV head's context rows, asked for in order from key 0: `row(key)` switches blocks through
-// the block table and prefetches ahead.
+// the block table and prefetches ahead; the last blocks prefetch the first ones of `then`, the pass
+// that follows (V after K; after V, the K of the item this thread likely takes next), so a pass
+// does not start on blocks read on demand. Measured on the 2-core Zen 4 (32 contexts, 8 layers'
+// caches, alternating in one process): fp32 13.4 -> 17.4 GB/s at 128 tokens, 12.4 -> 13.2 at 384;
+// bf16 10.7 -> 13.0 and 10.5 -> 11.0 (about half of the gain from V after K).
 template <typename T, int64_t HEAD_DIM>
 struct ContextRows {
-  const T* head;
-  const int64_t* table;
-  int64_t length, block_size, block_shift;
+  Rows<T> rows;
+  int64_t block_size, block_shift;
+  Rows<T> then;
   const T* block = nullptr;
 
   const T* row(int64_t key) {
     const int64_t in_block = key & (block_size - 1);
     if (in_block == 0) {
       const int64_t index = key >> block_shift;
-      block = head + table[index] * block_size * HEAD_DIM;
+      block = rows.head + rows.table[index] * block_size * HEAD_DIM;
       if (index == 0)
         for (int64_t ahead = 1; ahead < PREFETCH_BLOCKS; ++ahead)
-          prefetch_block<T, HEAD_DIM>(head, table, ahead, length, block_size);
-      prefetch_block<T, HEAD_DIM>(head, table, index + PREFETCH_BLOCKS, length, block_size);
+          prefetch(rows, ahead);
+      const int64_t target = index + PREFETCH_BLOCKS;
+      const int64_t blocks = (rows.length + block_size - 1) >> block_shift;
+      if (target < blocks)
+        prefetch(rows, target);
+      else if (then.head)
+        prefetch(then, target - blocks);
     }
     return block + in_block * HEAD_DIM;
+  }
+  void prefetch(const Rows<T>& of, int64_t block_index) const {
+    prefetch_block<T, HEAD_DIM>(of.head, of.table, block_index, of.length, block_size);
   }
 };
 
 // One (sequence, KV head) item for query heads [g0, g0 + G) of the group. HEAD_DIM / LANES vectors
-// per row.
+// per row. `next`: the rows read after this item's V pass (prefetched as it ends).
 template <typename T, int64_t HEAD_DIM, int64_t G>
 void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int64_t* table,
                   int64_t length, int64_t block_size, float scale, T* out_heads,
-                  std::vector<vec>& scores) {
+                  std::vector<vec>& scores, const Rows<T>& next) {
   constexpr int64_t VECS = HEAD_DIM / LANES;
   const int64_t block_shift = __builtin_ctzll(block_size);  // a power of two (checked)
   const int64_t score_vecs = (length + LANES - 1) / LANES;
@@ -131,7 +151,8 @@ void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int6
   vec partial[G][LANES];
   vec peak[G];
   for (int64_t g = 0; g < G; ++g) peak[g] = splat(-1e30f);
-  ContextRows<T, HEAD_DIM> keys{k_head, table, length, block_size, block_shift};
+  const Rows<T> value_rows{v_head, table, length};
+  ContextRows<T, HEAD_DIM> keys{{k_head, table, length}, block_size, block_shift, value_rows};
   for (int64_t key0 = 0; key0 < length; key0 += LANES) {
     const int64_t count = std::min(LANES, length - key0);
     for (int64_t t = 0; t < LANES; ++t) {
@@ -181,7 +202,7 @@ void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int6
   // out_g = sum_t p_g[t] v_t / sum_t p_g[t]
   vec acc[G][VECS] = {};
   const float* probs = reinterpret_cast<const float*>(scores.data());
-  ContextRows<T, HEAD_DIM> values{v_head, table, length, block_size, block_shift};
+  ContextRows<T, HEAD_DIM> values{value_rows, block_size, block_shift, next};
   for (int64_t key = 0; key < length; ++key) {
     const T* row = values.row(key);
     vec v[VECS];
@@ -202,13 +223,15 @@ void decode_heads(const T* q_heads, const T* k_head, const T* v_head, const int6
 template <typename T, int64_t HEAD_DIM>
 void decode_group(const T* q_heads, const T* k_head, const T* v_head, const int64_t* table,
                   int64_t length, int64_t block_size, float scale, T* out_heads, int64_t group,
-                  std::vector<vec>& scores) {
+                  std::vector<vec>& scores, const Rows<T>& next) {
+  const Rows<T> again{k_head, table, length};  // the next group of query heads reads K again
   for (int64_t g0 = 0; g0 < group; g0 += MAX_GROUP) {
     const int64_t offset = g0 * HEAD_DIM;
     const auto run = [&](auto heads) {
       decode_heads<T, HEAD_DIM, decltype(heads)::value>(q_heads + offset, k_head, v_head, table,
                                                         length, block_size, scale,
-                                                        out_heads + offset, scores);
+                                                        out_heads + offset, scores,
+                                                        g0 + MAX_GROUP < group ? again : next);
     };
     switch (std::min(MAX_GROUP, group - g0)) {
       case 1: run(std::integral_constant<int64_t, 1>{}); break;
@@ -245,17 +268,26 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     for (int64_t kv = 0; kv < kv_heads; ++kv) items.push_back({seq, kv, lens[seq]});
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.length > b.length; });
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(spindle_pool::max_threads(), static_cast<int64_t>(items.size())));
   for_each_item(
       items.size(), [] { return std::vector<vec>(); },
       [&](std::vector<vec>& scores, int64_t index) {
         const Item& item = items[index];
         const int64_t head_base = item.kv_head * num_blocks * block_size * HEAD_DIM;
         const int64_t head_offset = item.kv_head * group * HEAD_DIM;
+        Rows<T> next;  // the K of the item this thread likely takes next: the counter hands
+        const int64_t later = index + threads;  // items out in order, one to each thread in turn
+        if (later < static_cast<int64_t>(items.size())) {
+          const Item& after = items[later];
+          next = {k_ptr + after.kv_head * num_blocks * block_size * HEAD_DIM,
+                  tables + after.seq * max_blocks, after.length};
+        }
         decode_group<T, HEAD_DIM>(q_ptr + item.seq * q_row_stride + head_offset,
                                   k_ptr + head_base, v_ptr + head_base,
                                   tables + item.seq * max_blocks, item.length, block_size, fscale,
                                   out_ptr + item.seq * num_heads * HEAD_DIM + head_offset, group,
-                                  scores);
+                                  scores, next);
       });
 }
 
