@@ -9,13 +9,13 @@ function and one entry in that list.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.logs import configure_logging
 from common.model_files import ModelFilesError, default_demo_dir, ensure_demo_model
 
 Subparsers = Any  # argparse's _SubParsersAction, which is private
@@ -178,11 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     try:
         return int(args.handler(args))
     except ModelFilesError as err:

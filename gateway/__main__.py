@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import uvicorn
 
+from common.logs import configure_logging, library_level
 from common.settings import load_settings
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -14,14 +14,12 @@ from gateway.settings import GatewaySettings
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings(GatewaySettings, argv, prog="python -m gateway")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
+        log_level=library_level(settings.log_level).lower(),
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from common.logs import configure_logging
 from common.settings import load_settings
 from worker.service import WorkerService
 from worker.settings import WorkerSettings
@@ -15,11 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.log_file is not None:
         handlers.append(logging.FileHandler(settings.log_file))
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        handlers=handlers,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, handlers)
     WorkerService.start(settings).run()
     return 0
 
