@@ -268,23 +268,22 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     for (int64_t kv = 0; kv < kv_heads; ++kv) items.push_back({seq, kv, lens[seq]});
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.length > b.length; });
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(spindle_pool::max_threads(), static_cast<int64_t>(items.size())));
+  const int64_t count = static_cast<int64_t>(items.size()), threads = item_threads(count);
+  const int64_t head_stride = num_blocks * block_size * HEAD_DIM;  // one KV head's cache
   for_each_item(
-      items.size(), [] { return std::vector<vec>(); },
+      count, [] { return std::vector<vec>(); },
       [&](std::vector<vec>& scores, int64_t index) {
         const Item& item = items[index];
-        const int64_t head_base = item.kv_head * num_blocks * block_size * HEAD_DIM;
+        const int64_t base = item.kv_head * head_stride;
         const int64_t head_offset = item.kv_head * group * HEAD_DIM;
-        Rows<T> next;  // the K of the item this thread likely takes next: the counter hands
-        const int64_t later = index + threads;  // items out in order, one to each thread in turn
-        if (later < static_cast<int64_t>(items.size())) {
-          const Item& after = items[later];
-          next = {k_ptr + after.kv_head * num_blocks * block_size * HEAD_DIM,
-                  tables + after.seq * max_blocks, after.length};
+        Rows<T> next;  // the K of the item this thread likely takes next (item_threads)
+        if (index + threads < count) {
+          const Item& after = items[index + threads];
+          next = {k_ptr + after.kv_head * head_stride, tables + after.seq * max_blocks,
+                  after.length};
         }
         decode_group<T, HEAD_DIM>(q_ptr + item.seq * q_row_stride + head_offset,
-                                  k_ptr + head_base, v_ptr + head_base,
+                                  k_ptr + base, v_ptr + base,
                                   tables + item.seq * max_blocks, item.length, block_size, fscale,
                                   out_ptr + item.seq * num_heads * HEAD_DIM + head_offset, group,
                                   scores, next);

@@ -202,14 +202,19 @@ inline vec transpose_sum(const vec* x) {
 }
 #endif
 
+// The threads for_each_item runs `count` items on. It hands indices out in order, so the item a
+// thread takes after item i is about i + item_threads(count).
+inline int64_t item_threads(int64_t count) {
+  return std::max<int64_t>(1, std::min<int64_t>(spindle_pool::max_threads(), count));
+}
+
 // Runs work(state, i) for every i in [0, count) on the kernels' threads, each taking the next
 // index from a shared counter (callers order items longest first, so the threads finish
 // together); make_state() builds each thread's scratch once.
 template <typename MakeState, typename Work>
 void for_each_item(int64_t count, MakeState make_state, Work work) {
   std::atomic<int64_t> next{0};
-  const int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(spindle_pool::max_threads(), count));
+  const int64_t threads = item_threads(count);
   spindle_pool::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     auto state = make_state();
     for (int64_t index = next++; index < count; index = next++) work(state, index);
