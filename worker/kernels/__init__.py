@@ -1,7 +1,12 @@
 """Native CPU kernels, built from `csrc/` on first use with torch's JIT extension builder (g++,
 ninja) and cached under torch's extensions folder (`TORCH_EXTENSIONS_DIR`, default
 ~/.cache/torch_extensions), so only the first process on a machine pays the ~1-2 min build;
-`scripts/bootstrap` builds them ahead (`python -m worker.kernels`).
+`scripts/bootstrap` builds them ahead (`python -m worker.kernels`). Each checkout builds into its
+own folder there (`build_folder`): the build's hash covers the include path, so two checkouts
+sharing one folder rebuilt it each time the other had loaded it. The build runs under an `flock`
+(`build_lock`), which the kernel drops when its holder dies; holding it, a `lock` file that
+torch's builder left behind is stale (a process killed mid-build) and is removed — torch's own
+file lock would otherwise make every later build wait on it forever.
 
 `linear_amx` (bf16 on AMX tiles), `linear_bf16` (bf16 with AVX512_BF16 dot products, else AVX2
 FMAs) and `linear_f32` (AVX-512 or AVX2 FMAs) are the linear layers' products
@@ -22,9 +27,14 @@ keeps everything on torch's OpenMP threads instead.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +62,7 @@ SOURCES = [
     )
 ]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+EXTENSION = "spindle_cpu_kernels"
 
 
 def enabled() -> bool:
@@ -67,17 +78,48 @@ def native_module() -> Any | None:
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
-
-        return load(
-            name="spindle_cpu_kernels",
-            sources=[str(path) for path in SOURCES],
-            extra_cflags=FLAGS,
-            extra_include_paths=[str(CSRC)],
-            extra_ldflags=["-fopenmp"],
-        )
+        folder = build_folder()
+        with build_lock(folder):
+            return load(
+                name=EXTENSION,
+                sources=[str(path) for path in SOURCES],
+                extra_cflags=FLAGS,
+                extra_include_paths=[str(CSRC)],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+            )
     except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
         log.warning("CPU kernels unavailable, using the pure-torch paths: %s", err)
         return None
+
+
+def build_folder(sources: Path = CSRC) -> Path:
+    """This checkout's build folder: torch's extensions folder, then the extension's name, the
+    Python version and a digest of where `sources` lie and of torch's version."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    identity = f"{sources.resolve()}\0{torch.__version__}"
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return root / f"{EXTENSION}-{python}-{digest}"
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s build lock (an flock, dropped by the kernel when its holder dies), and
+    remove the `lock` file of a torch build that died before it could."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "spindle-build.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a kernel build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def use_threads(threads: int | None = None) -> None:
