@@ -18,11 +18,11 @@
 // over up to M_CHUNK rows, computed speculatively on the kernels' pool, pool.h) multiplies up to
 // ROWS rows of x at a time into fp32 accumulators (dpbf16: 12 rows x 32 columns, x's K pair
 // broadcast; AVX2: 5 rows x 16 columns per half, x widened to fp32 once per call and broadcast an
-// element at a time, the sums over K in order); the first pass over a block prefetches the run's
-// next block (after the run's last, the block the thread's next item likely starts with), and the
-// item's rows pass over each block while it is cached. Each output is the fp32 sum plus the bias,
-// rounded to bf16 once, as oneDNN and the AMX kernel round; the gated variant applies
-// SiLU(gate) * up as the unfused layers round.
+// element at a time, the sums over K in order); passes over a block prefetch the run's next block
+// (after the run's last, the block the thread's next item likely starts with; which passes ask:
+// linear_call.h's for_each_tile), and the item's rows pass over each block while it is cached.
+// Each output is the fp32 sum plus the bias, rounded to bf16 once, as oneDNN and the AMX kernel
+// round; the gated variant applies SiLU(gate) * up as the unfused layers round.
 #include "kernels.h"
 #include "linear_bf16.h"
 #include "linear_call.h"
@@ -173,20 +173,6 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 
 const std::array<TileFn, ROWS> TILES = tile_table(std::make_integer_sequence<int, ROWS>{});  // [rows - 1]
 
-// An item's tiles (linear_call.h's BlockItems): each column block of its run over its rows, up to
-// ROWS rows at a time (r counts from the item's first row). `tile(nb, r, live, next)`: `next` is
-// the block to prefetch on this pass — on a block's first pass, the run's next block or, after
-// its last, the block this thread's next item likely starts with — else -1.
-template <typename Tile>
-void for_each_tile(const spindle_linear::BlockItems& items, int64_t index, Tile tile) {
-  const auto item = items[index];
-  const int64_t last = item.block + item.blocks;
-  for (int64_t nb = item.block; nb < last; ++nb)
-    for (int64_t r = 0; r < item.rows; r += ROWS)
-      tile(nb, r, std::min<int64_t>(ROWS, item.rows - r),
-           r != 0 ? -1 : nb + 1 < last ? nb + 1 : items.next_block_after(index));
-}
-
 #endif  // SPINDLE_BF16_LINEAR
 
 }  // namespace
@@ -239,7 +225,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
         const auto item = items[index];
         at::BFloat16* scratch = items.scratch<at::BFloat16>();
         alignas(64) float c[ROWS][BLOCK];
-        for_each_tile(items, index, [&](int64_t nb, int64_t r, int64_t live, int64_t next_nb) {
+        spindle_linear::for_each_tile<ROWS>(items, index, [&](int64_t nb, int64_t r, int64_t live,
+                                                              int64_t next_nb) {
           const char* block = w + nb * block_bytes;
           const char* next = next_nb >= 0 ? w + next_nb * block_bytes : nullptr;
           TILES[live - 1](a + (item.row + r) * k, k, block, next, k_steps, c);
@@ -276,7 +263,8 @@ at::Tensor linear_bf16_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
         const auto item = items[index];
         at::BFloat16* scratch = items.scratch<at::BFloat16>();
         alignas(64) float gate[ROWS][BLOCK], up[ROWS][BLOCK];
-        for_each_tile(items, index, [&](int64_t nb, int64_t r, int64_t live, int64_t next_nb) {
+        spindle_linear::for_each_tile<ROWS>(items, index, [&](int64_t nb, int64_t r, int64_t live,
+                                                              int64_t next_nb) {
           const char* gate_block = w + 2 * nb * block_bytes;
           const char* up_block = gate_block + block_bytes;
           const TileFn multiply = TILES[live - 1];

@@ -5,10 +5,11 @@
 // contiguous run per 32 output columns ([N/32][K][32]); each item (linear_call.h's BlockItems: a
 // run of column blocks over up to M_CHUNK rows, computed speculatively on the kernels' pool,
 // pool.h) multiplies up to ROWS rows of x at a time into register accumulators (x broadcast one
-// element at a time, the block's weight row as vectors). Every pass over a block prefetches
-// the run's NEXT block (after its last, the block the thread's next item likely starts with) into
-// L2 row by row, so a batch of more than ROWS rows (several passes) overlaps the next block's DRAM
-// read with this block's arithmetic, and a single pass streams one block ahead. Sums are fp32
+// element at a time, the block's weight row as vectors). A pass over a block prefetches the
+// run's NEXT block (after its last, the block the thread's next item likely starts with) into L2
+// row by row — every pass of a few rows' product, the first of a prompt's (linear_call.h's
+// for_each_tile) — so the next block's DRAM read overlaps this block's arithmetic, and a single
+// pass streams one block ahead. Sums are fp32
 // FMAs over K in order, as a plain dot product would add them. The gated variant
 // (linear_f32_silu_mul) multiplies gate and up column blocks packed in alternation and writes
 // SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
@@ -182,19 +183,13 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
       items.count(), {call.rows, packed, call.out, call.bias}, [=](int64_t index) {
         const auto item = items[index];
         float* scratch = items.scratch<float>();
-        const int64_t last = item.block + item.blocks, after = items.next_block_after(index);
-        for (int64_t nb = item.block; nb < last; ++nb) {
-          const float* block = w + nb * k * COLS;
-          const int64_t next_nb = nb + 1 < last ? nb + 1 : after;
-          const float* next = next_nb >= 0 ? w + next_nb * k * COLS : nullptr;
-          const float* block_bias = bias_ptr ? bias_ptr + nb * COLS : nullptr;
-          for (int64_t r = 0; r < item.rows; r += ROWS) {
-            const int64_t live = std::min<int64_t>(ROWS, item.rows - r);
-            TILES[live - 1](a + (item.row + r) * k, k, block, next, k,
-                            scratch + r * items.ld() + (nb - item.block) * COLS, items.ld(),
-                            block_bias);
-          }
-        }
+        spindle_linear::for_each_tile<ROWS>(items, index, [&](int64_t nb, int64_t r, int64_t live,
+                                                              int64_t next_nb) {
+          TILES[live - 1](a + (item.row + r) * k, k, w + nb * k * COLS,
+                          next_nb >= 0 ? w + next_nb * k * COLS : nullptr, k,
+                          scratch + r * items.ld() + (nb - item.block) * COLS, items.ld(),
+                          bias_ptr ? bias_ptr + nb * COLS : nullptr);
+        });
         items.store(item, scratch, y, n);
       });
   return call.result();
@@ -229,23 +224,18 @@ at::Tensor linear_f32_silu_mul(const at::Tensor& x, const at::Tensor& packed) {
         const auto item = items[index];
         float* scratch = items.scratch<float>();
         alignas(64) float gate[ROWS][COLS], up[ROWS][COLS];
-        const int64_t last = item.block + item.blocks, after = items.next_block_after(index);
-        for (int64_t nb = item.block; nb < last; ++nb) {
+        spindle_linear::for_each_tile<ROWS>(items, index, [&](int64_t nb, int64_t r, int64_t live,
+                                                              int64_t next_nb) {
           const float* gate_block = w + 2 * nb * block;
-          const float* up_block = gate_block + block;
-          const int64_t next_nb = nb + 1 < last ? nb + 1 : after;
-          // prefetch the next pair's gate, then its up
+          const float* x = a + (item.row + r) * k;
+          // the gate pass prefetches the next pair's gate, the up pass its up
           const float* next_gate = next_nb >= 0 ? w + 2 * next_nb * block : nullptr;
-          for (int64_t r = 0; r < item.rows; r += ROWS) {
-            const int64_t live = std::min<int64_t>(ROWS, item.rows - r);
-            const float* x = a + (item.row + r) * k;
-            TILES[live - 1](x, k, gate_block, next_gate, k, &gate[0][0], COLS, nullptr);
-            TILES[live - 1](x, k, up_block, next_gate ? next_gate + block : nullptr, k, &up[0][0],
-                            COLS, nullptr);
-            spindle_vec::store_silu_mul(scratch + r * items.ld() + (nb - item.block) * COLS,
-                                        items.ld(), live, &gate[0][0], &up[0][0], COLS, COLS);
-          }
-        }
+          TILES[live - 1](x, k, gate_block, next_gate, k, &gate[0][0], COLS, nullptr);
+          TILES[live - 1](x, k, gate_block + block, next_gate ? next_gate + block : nullptr, k,
+                          &up[0][0], COLS, nullptr);
+          spindle_vec::store_silu_mul(scratch + r * items.ld() + (nb - item.block) * COLS,
+                                      items.ld(), live, &gate[0][0], &up[0][0], COLS, COLS);
+        });
         items.store(item, scratch, y, n);
       });
   return call.result();
