@@ -159,6 +159,19 @@ def median_ttft_p50_ms(summary: dict[str, Any]) -> float:
     return statistics.median(repeats) if repeats else summary["ttft"]["p50_ms"]
 
 
+def paired_ttft_cost_ms(baseline: dict[str, Any], other: dict[str, Any]) -> float | None:
+    """The median over alternating pairs of `other`'s TTFT p50 minus `baseline`'s (the i-th
+    repeat of each being the i-th pair, as `service_bench.run_paired` keeps them), or None
+    without two or more complete pairs. Adjacent runs share the machine's spell, so the pair
+    differences leave out the drift that the two sides' medians carry (a lone 128-token prefill
+    swung 217-345 ms within one fp32 run of ten pairs on the Zen 3)."""
+    mine = baseline.get("repeat_ttft_p50_ms") or []
+    theirs = other.get("repeat_ttft_p50_ms") or []
+    if len(mine) < 2 or len(mine) != len(theirs) or None in mine or None in theirs:
+        return None
+    return statistics.median(b - a for a, b in zip(mine, theirs, strict=True))
+
+
 def _tokens(record: RequestRecord) -> int:
     """Usage's count when the server sent one, else one token per content chunk."""
     return record.output_tokens if record.output_tokens is not None else len(record.chunk_times)

@@ -22,6 +22,7 @@ from bench.load import (
     inter_token_latencies,
     markdown_table,
     median_ttft_p50_ms,
+    paired_ttft_cost_ms,
     percentile,
     record_chunk,
     send_one,
@@ -331,3 +332,15 @@ def test_an_answer_that_is_not_http_is_an_error() -> None:
     record, cut = asyncio.run(scenario())
     assert record.error is not None and record.error.startswith("ValueError: not an HTTP")
     assert cut.error is not None and cut.error.startswith("IncompleteReadError")
+
+
+def test_the_paired_ttft_cost_reads_each_pair() -> None:
+    def runs(*ttfts):
+        return {"ttft": {"p50_ms": ttfts[0]}, "repeat_ttft_p50_ms": list(ttfts)}
+
+    # a slow spell on pairs 2 and 3 moves both sides: each pair still differs by ~2 ms
+    assert paired_ttft_cost_ms(runs(40.0, 80.0, 81.0, 41.0), runs(42.0, 82.5, 83.0, 43.0)) == 2.0
+    assert paired_ttft_cost_ms(runs(40.0), runs(42.0)) is None  # one pair: no pairs to read
+    assert paired_ttft_cost_ms(runs(40.0, 41.0), runs(42.0, 43.0, 44.0)) is None  # not paired
+    assert paired_ttft_cost_ms(runs(40.0, 41.0), runs(42.0, None)) is None  # a run without TTFT
+    assert paired_ttft_cost_ms({"ttft": {"p50_ms": 1.0}}, runs(2.0, 3.0)) is None
