@@ -137,8 +137,12 @@ def service_lines(
         ttft.measured, ttft.value = f"{cost:+.1f} ms", cost
         if costs["ttft_cost_from_pairs"]:
             pairs = len(in_process["repeat_ttft_p50_ms"])
+            interval = costs["ttft_p50_cost_interval_ms"]
+            spread = (
+                f", 95 % interval {interval[0]:+.1f} to {interval[1]:+.1f} ms" if interval else ""
+            )
             ttft.measured += (
-                f" (median of {pairs} pair differences; the medians differ by "
+                f" (median of {pairs} pair differences{spread}; the medians differ by "
                 f"{costs['ttft_p50_medians_cost_ms']:+.1f} ms)"
             )
         ttft.passed = cost <= SERVICE_TTFT_MS_BAR

@@ -172,6 +172,28 @@ def paired_ttft_cost_ms(baseline: dict[str, Any], other: dict[str, Any]) -> floa
     return statistics.median(b - a for a, b in zip(mine, theirs, strict=True))
 
 
+def paired_ttft_cost_interval_ms(
+    baseline: dict[str, Any], other: dict[str, Any], confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """A distribution-free `confidence` interval for `paired_ttft_cost_ms`: the order statistics
+    of the pairs' differences that the median lies between with that probability (the sign
+    test's binomial), or None with too few pairs (under 6 at 95 %). It says whether a run can
+    tell a few ms of cost from the machine's swings at all."""
+    if paired_ttft_cost_ms(baseline, other) is None:
+        return None
+    differences = sorted(
+        b - a
+        for a, b in zip(baseline["repeat_ttft_p50_ms"], other["repeat_ttft_p50_ms"], strict=True)
+    )
+    pairs, outside, tail = len(differences), 0, 0.0
+    while tail + math.comb(pairs, outside) / 2**pairs <= (1 - confidence) / 2:
+        tail += math.comb(pairs, outside) / 2**pairs
+        outside += 1
+    if outside == 0:
+        return None
+    return differences[outside - 1], differences[pairs - outside]
+
+
 def _tokens(record: RequestRecord) -> int:
     """Usage's count when the server sent one, else one token per content chunk."""
     return record.output_tokens if record.output_tokens is not None else len(record.chunk_times)

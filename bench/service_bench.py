@@ -52,6 +52,7 @@ from bench.load import (
     clocked_summary,
     drive,
     median_ttft_p50_ms,
+    paired_ttft_cost_interval_ms,
     paired_ttft_cost_ms,
     run_workload,
     summarise,
@@ -372,20 +373,23 @@ def paired_order(pairs: int) -> list[str]:
 
 def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
     """The service's costs: throughput from the fastest runs; TTFT p50 as the median of the
-    alternating pairs' differences where there are pairs (`paired_ttft_cost_ms`), else as the
-    difference of the two sides' medians — which is kept alongside as `ttft_p50_medians_cost_ms`."""
+    alternating pairs' differences where there are pairs (`paired_ttft_cost_ms`, with its 95 %
+    interval), else as the difference of the two sides' medians — which is kept alongside as
+    `ttft_p50_medians_cost_ms`."""
     if not service.get("completed"):
         return {"throughput_ratio": None, "ttft_p50_cost_ms": None}
     ratio = service["output_tokens_per_s"] / in_process["output_tokens_per_s"]
     medians_cost = median_ttft_p50_ms(service) - median_ttft_p50_ms(in_process)
     paired = paired_ttft_cost_ms(in_process, service)
     ttft_cost = medians_cost if paired is None else paired
+    interval = paired_ttft_cost_interval_ms(in_process, service)
     return {
         "throughput_ratio": round(ratio, 4),
         "throughput_cost_pct": round(100 * (1 - ratio), 2),
         "ttft_p50_cost_ms": round(ttft_cost, 2),
         "ttft_p50_medians_cost_ms": round(medians_cost, 2),
         "ttft_cost_from_pairs": paired is not None,
+        "ttft_p50_cost_interval_ms": interval and [round(bound, 2) for bound in interval],
         "meets_bar": bool(ratio >= 0.95 and ttft_cost <= 5.0),
     }
 

@@ -22,6 +22,7 @@ from bench.load import (
     inter_token_latencies,
     markdown_table,
     median_ttft_p50_ms,
+    paired_ttft_cost_interval_ms,
     paired_ttft_cost_ms,
     percentile,
     record_chunk,
@@ -344,3 +345,22 @@ def test_the_paired_ttft_cost_reads_each_pair() -> None:
     assert paired_ttft_cost_ms(runs(40.0, 41.0), runs(42.0, 43.0, 44.0)) is None  # not paired
     assert paired_ttft_cost_ms(runs(40.0, 41.0), runs(42.0, None)) is None  # a run without TTFT
     assert paired_ttft_cost_ms({"ttft": {"p50_ms": 1.0}}, runs(2.0, 3.0)) is None
+
+
+def test_the_paired_ttft_cost_interval_is_the_sign_tests() -> None:
+    def runs(ttfts):
+        return {"ttft": {"p50_ms": ttfts[0]}, "repeat_ttft_p50_ms": list(ttfts)}
+
+    base = [100.0] * 20
+    differences = [float(d) for d in range(-9, 11)]  # -9 ... 10, in a shuffled order
+    differences = differences[7:] + differences[:7]
+    interval = paired_ttft_cost_interval_ms(
+        runs(base), runs([b + d for b, d in zip(base, differences, strict=True)])
+    )
+    # 20 pairs: the 6th smallest and the 6th largest (P(at most 5 of 20 below the median) ~2 %)
+    assert interval == (-4.0, 5.0)
+    ten = [float(d) for d in range(10)]
+    assert paired_ttft_cost_interval_ms(runs([0.0] * 10), runs(ten)) == (1.0, 8.0)  # 2nd, 9th
+    five = runs([0.0] * 5)
+    assert paired_ttft_cost_interval_ms(five, runs([1.0, 2.0, 3.0, 4.0, 5.0])) is None
+    assert paired_ttft_cost_interval_ms(runs([0.0]), runs([1.0])) is None
