@@ -107,46 +107,45 @@ def vllm_line(e2e: dict | None, vllm: dict | None) -> BarLine:
     return BarLine(name, measured, target, passed, ratio)
 
 
-def service_lines(
-    workload: dict[str, dict | None],
-    cost_workload: dict[str, dict | None],
-    workload_name: str,
-    cost_name: str,
-) -> list[BarLine]:
-    """Throughput cost on the bar's workload, TTFT p50 cost on the cost workload (`single`);
-    each argument maps system names to summaries."""
-    throughput = BarLine(
-        f"service throughput cost ({workload_name})", "not measured",
-        f"<= {SERVICE_COST_PCT_BAR:g} %", None,
-    )  # fmt: skip
-    ttft = BarLine(
-        f"service TTFT p50 cost ({cost_name})", "not measured",
-        f"<= {SERVICE_TTFT_MS_BAR:g} ms", None,
-    )  # fmt: skip
+def throughput_cost_line(workload: dict[str, dict | None], name: str) -> BarLine:
+    """The service's throughput cost on the bar's workload (`workload` maps system names to
+    summaries)."""
+    line = BarLine(
+        f"service throughput cost ({name})", "not measured", f"<= {SERVICE_COST_PCT_BAR:g} %", None
+    )
     in_process, e2e = workload.get(IN_PROCESS), workload.get(E2E)
     if in_process and e2e and tokens_per_s(in_process) and tokens_per_s(e2e):
         pct = compare(in_process, e2e)["throughput_cost_pct"]
-        throughput.measured, throughput.value = f"{pct:.1f} %", pct
-        throughput.passed = pct <= SERVICE_COST_PCT_BAR
+        line.measured, line.value = f"{pct:.1f} %", pct
+        line.passed = pct <= SERVICE_COST_PCT_BAR
         if each := pair_costs_pct(in_process, e2e):
-            throughput.measured += " (each pair: " + ", ".join(f"{c:.1f}" for c in each) + " %)"
+            line.measured += " (each pair: " + ", ".join(f"{c:.1f}" for c in each) + " %)"
+    return line
+
+
+def ttft_cost_line(cost_workload: dict[str, dict | None], name: str) -> BarLine:
+    """The service's TTFT p50 cost on one cost workload: the median of the alternating pairs'
+    differences, its 95 % interval, and the difference of the two sides' medians."""
+    line = BarLine(
+        f"service TTFT p50 cost ({name})", "not measured", f"<= {SERVICE_TTFT_MS_BAR:g} ms", None
+    )
     in_process, e2e = cost_workload.get(IN_PROCESS), cost_workload.get(E2E)
     if in_process and e2e and tokens_per_s(in_process) and tokens_per_s(e2e):
         costs = compare(in_process, e2e)
         cost = costs["ttft_p50_cost_ms"]
-        ttft.measured, ttft.value = f"{cost:+.1f} ms", cost
+        line.measured, line.value = f"{cost:+.1f} ms", cost
         if costs["ttft_cost_from_pairs"]:
             pairs = len(in_process["repeat_ttft_p50_ms"])
             interval = costs["ttft_p50_cost_interval_ms"]
             spread = (
                 f", 95 % interval {interval[0]:+.1f} to {interval[1]:+.1f} ms" if interval else ""
             )
-            ttft.measured += (
+            line.measured += (
                 f" (median of {pairs} pair differences{spread}; the medians differ by "
                 f"{costs['ttft_p50_medians_cost_ms']:+.1f} ms)"
             )
-        ttft.passed = cost <= SERVICE_TTFT_MS_BAR
-    return [throughput, ttft]
+        line.passed = cost <= SERVICE_TTFT_MS_BAR
+    return line
 
 
 def pair_costs_pct(in_process: dict, e2e: dict) -> list[float]:
@@ -161,14 +160,18 @@ def pair_costs_pct(in_process: dict, e2e: dict) -> list[float]:
     return [100 * (1 - theirs / ours) for ours, theirs in zip(mine, served, strict=True)]
 
 
-def verdict(runs: dict[str, dict[str, dict]], workload: str, cost_workload: str) -> list[BarLine]:
-    """The bar for one dtype; `runs[system][workload name]` is that run's summary."""
-    on = {system: by_workload.get(workload) for system, by_workload in runs.items()}
-    on_cost = {system: by_workload.get(cost_workload) for system, by_workload in runs.items()}
+def verdict(runs: dict[str, dict[str, dict]], workload: str, *cost_workloads: str) -> list[BarLine]:
+    """The bar for one dtype; `runs[system][workload name]` is that run's summary. One TTFT cost
+    line per cost workload."""
+
+    def on(name: str) -> dict[str, dict | None]:
+        return {system: by_workload.get(name) for system, by_workload in runs.items()}
+
     return [
-        static_line(on.get(E2E), on.get(STATIC)),
-        vllm_line(on.get(E2E), on.get(VLLM)),
-        *service_lines(on, on_cost, workload, cost_workload),
+        static_line(on(workload).get(E2E), on(workload).get(STATIC)),
+        vllm_line(on(workload).get(E2E), on(workload).get(VLLM)),
+        throughput_cost_line(on(workload), workload),
+        *(ttft_cost_line(on(name), name) for name in cost_workloads),
     ]
 
 
@@ -293,8 +296,9 @@ def measure_dtype(
 
     from bench.engine_bench import matmul_peak_flops, model_flops
 
-    workload, cost_workload = load_workload(args.workload), load_workload(args.cost_workload)
-    both = [workload] if cost_workload.name == workload.name else [workload, cost_workload]
+    workload = load_workload(args.workload)
+    cost_workloads = [load_workload(name) for name in args.cost_workload]
+    both = [workload, *(w for w in cost_workloads if w.name != workload.name)]
     dtype_args = argparse.Namespace(**{**vars(args), "dtype": dtype})
     peak = matmul_peak_flops(getattr(torch, dtype), args.threads)
     float32_peak = peak if dtype == "float32" else matmul_peak_flops(torch.float32, args.threads)
@@ -302,8 +306,7 @@ def measure_dtype(
     runs: dict[str, dict[str, dict]] = {STATIC: {}}
     runs[STATIC][workload.name] = run_static(model_dir, dtype, workload, dtype_args)
     plan = [(workload, args.repeat)]  # the service's costs: the two alternating, both alive
-    if cost_workload.name != workload.name:
-        plan.append((cost_workload, args.cost_pairs))
+    plan += [(cost, args.cost_pairs) for cost in both[1:]]
     runs[IN_PROCESS], runs[E2E] = run_paired(model_dir, plan, dtype_args, log_dir)
     vllm_info = None
     if args.vllm_python:
@@ -333,7 +336,9 @@ def measure_dtype(
         "utilisation_peak_gflops": round(util_peak / 1e9, 1),
         "utilisation_peak_dtype": util_dtype,
         "rows": rows,
-        "bar": [asdict(line) for line in verdict(runs, workload.name, cost_workload.name)],
+        "bar": [
+            asdict(line) for line in verdict(runs, workload.name, *(w.name for w in cost_workloads))
+        ],
         "vllm": vllm_info,
         "runs": runs,
     }
@@ -357,7 +362,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--model", type=Path, default=None, help="HF folder (default: the demo model)")
     add("--dtype", nargs="+", default=["bfloat16", "float32"])
     add("--workload", default="mixed-32", help="the bar's workload (name or path)")
-    add("--cost-workload", default="single", help="prices the service path's TTFT p50")
+    add(
+        "--cost-workload",
+        nargs="+",
+        default=["single", "single-short"],
+        help="price the service path's TTFT p50, one bar line each (single-short's 8-token "
+        "prefill swings less than single's 128, so it pins the path's own cost closer)",
+    )
     add(
         "--cost-pairs",
         type=int,

@@ -254,8 +254,15 @@ def shared_prefix(
     return Workload(name, seed, requests, spec=spec, source=source.describe())
 
 
+def single_short(source: TokenSource) -> Workload:
+    """One request of 8 prompt tokens and 8 new: the service path's own TTFT, priced against a
+    prefill short enough that its swings do not hide a few ms (bench/bar.py)."""
+    return single(source, name="single-short", prompt_len=8, max_tokens=8)
+
+
 STANDARD_WORKLOADS: dict[str, Callable[[TokenSource], Workload]] = {
     "single": single,
+    "single-short": single_short,
     "mixed-32": mixed,
     "poisson": poisson,
     "shared-prefix": shared_prefix,

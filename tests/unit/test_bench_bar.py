@@ -237,3 +237,26 @@ def test_serve_children_are_told_apart_by_program_and_module() -> None:
     assert process_role([python, "-m", "gateway", "--redis-url", "redis://x", ""]) == "gateway"
     assert process_role([python, "-m", "worker.parallel.rank", "--rank", "1"]) == "worker"
     assert process_role([python, "-m", "common.cli", "serve", "--redis-url", "r"]) == "python"
+
+
+def test_each_cost_workload_gets_its_own_ttft_line() -> None:
+    """`single`'s 128-token prefill and `single-short`'s 8-token one price the path apart."""
+    in_process = {**summary(20.0, 240.0), "repeat_ttft_p50_ms": [240.0, 250.0, 230.0]}
+    e2e = {**summary(19.5, 270.0), "repeat_ttft_p50_ms": [270.0, 262.0, 236.0]}
+    short_in = {**summary(40.0, 35.0), "repeat_ttft_p50_ms": [35.0, 36.0, 35.5]}
+    short_e2e = {**summary(39.0, 38.0), "repeat_ttft_p50_ms": [38.0, 39.5, 38.0]}
+    lines = verdict(
+        runs(
+            in_process=dict(single=in_process, **{"single-short": short_in}),
+            e2e=dict(single=e2e, **{"single-short": short_e2e}),
+        ),
+        "mixed",
+        "single",
+        "single-short",
+    )
+    ttft = {line.bar: line for line in lines if line.bar.startswith("service TTFT")}
+    assert list(ttft) == ["service TTFT p50 cost (single)", "service TTFT p50 cost (single-short)"]
+    assert ttft["service TTFT p50 cost (single)"].value == pytest.approx(12.0)  # 30, 12, 6
+    assert ttft["service TTFT p50 cost (single)"].passed is False
+    assert ttft["service TTFT p50 cost (single-short)"].value == pytest.approx(3.0)  # 3, 3.5, 2.5
+    assert ttft["service TTFT p50 cost (single-short)"].passed is True
