@@ -13,10 +13,10 @@ then once the gateway's relay capacity (`relay_bench.measure`, 32 clients x 512 
 runs without prefix caching, as vLLM does: every repeat sends the same prompts. Each system runs
 `--repeat` times and the fastest repeat counts, but the two spindle systems, which price the
 service path, run alternately, both alive (`service_bench.run_paired`): mixed-32 `--repeat`
-times each, then the `single` workload `--cost-pairs` times each, whose TTFT p50s give the TTFT
-cost (the median of the pairs' differences, `load.paired_ttft_cost_ms`; the difference of the two
-sides' medians is shown beside it; on mixed-32 the two admit requests differently, see
-service_bench).
+times each, then each `--cost-workload` (`single`, `single-short`) `--cost-pairs` times each,
+whose TTFT p50s give one TTFT cost line each (the median of the pairs' differences with its 95 %
+interval, `load.paired_ttft_cost_ms`; the difference of the two sides' medians beside it; on
+mixed-32 the two admit requests differently, see service_bench).
 The machine's speed drifts by more than the few per cent and ms the path costs between its fast
 and slow spells (on a Zen 4, every system ran ~13 % faster an hour later), which runs one block
 after the other would not see alike; alternating, both do. The verdict lines
@@ -167,10 +167,11 @@ def verdict(runs: dict[str, dict[str, dict]], workload: str, *cost_workloads: st
     def on(name: str) -> dict[str, dict | None]:
         return {system: by_workload.get(name) for system, by_workload in runs.items()}
 
+    bar = on(workload)
     return [
-        static_line(on(workload).get(E2E), on(workload).get(STATIC)),
-        vllm_line(on(workload).get(E2E), on(workload).get(VLLM)),
-        throughput_cost_line(on(workload), workload),
+        static_line(bar.get(E2E), bar.get(STATIC)),
+        vllm_line(bar.get(E2E), bar.get(VLLM)),
+        throughput_cost_line(bar, workload),
         *(ttft_cost_line(on(name), name) for name in cost_workloads),
     ]
 

@@ -159,17 +159,24 @@ def median_ttft_p50_ms(summary: dict[str, Any]) -> float:
     return statistics.median(repeats) if repeats else summary["ttft"]["p50_ms"]
 
 
-def paired_ttft_cost_ms(baseline: dict[str, Any], other: dict[str, Any]) -> float | None:
-    """The median over alternating pairs of `other`'s TTFT p50 minus `baseline`'s (the i-th
-    repeat of each being the i-th pair, as `service_bench.run_paired` keeps them), or None
-    without two or more complete pairs. Adjacent runs share the machine's spell, so the pair
-    differences leave out the drift that the two sides' medians carry (a lone 128-token prefill
-    swung 217-345 ms within one fp32 run of ten pairs on the Zen 3)."""
+def pair_differences(baseline: dict[str, Any], other: dict[str, Any]) -> list[float] | None:
+    """`other`'s TTFT p50 minus `baseline`'s, pair by pair (the i-th repeat of each being the
+    i-th pair, as `service_bench.run_paired` keeps them), or None without two or more complete
+    pairs."""
     mine = baseline.get("repeat_ttft_p50_ms") or []
     theirs = other.get("repeat_ttft_p50_ms") or []
     if len(mine) < 2 or len(mine) != len(theirs) or None in mine or None in theirs:
         return None
-    return statistics.median(b - a for a, b in zip(mine, theirs, strict=True))
+    return [b - a for a, b in zip(mine, theirs, strict=True)]
+
+
+def paired_ttft_cost_ms(baseline: dict[str, Any], other: dict[str, Any]) -> float | None:
+    """The median of the alternating pairs' TTFT differences (`pair_differences`). Adjacent runs
+    share the machine's spell, so the pair differences leave out the drift that the two sides'
+    medians carry (a lone 128-token prefill swung 217-345 ms within one fp32 run of ten pairs on
+    the Zen 3)."""
+    differences = pair_differences(baseline, other)
+    return None if differences is None else statistics.median(differences)
 
 
 def paired_ttft_cost_interval_ms(
@@ -179,12 +186,10 @@ def paired_ttft_cost_interval_ms(
     of the pairs' differences that the median lies between with that probability (the sign
     test's binomial), or None with too few pairs (under 6 at 95 %). It says whether a run can
     tell a few ms of cost from the machine's swings at all."""
-    if paired_ttft_cost_ms(baseline, other) is None:
+    differences = pair_differences(baseline, other)
+    if differences is None:
         return None
-    differences = sorted(
-        b - a
-        for a, b in zip(baseline["repeat_ttft_p50_ms"], other["repeat_ttft_p50_ms"], strict=True)
-    )
+    differences.sort()
     pairs, outside, tail = len(differences), 0, 0.0
     while tail + math.comb(pairs, outside) / 2**pairs <= (1 - confidence) / 2:
         tail += math.comb(pairs, outside) / 2**pairs

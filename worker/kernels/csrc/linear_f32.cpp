@@ -9,8 +9,8 @@
 // run's NEXT block (after its last, the block the thread's next item likely starts with) into L2
 // row by row — every pass of a few rows' product, the first of a prompt's (linear_call.h's
 // for_each_tile) — so the next block's DRAM read overlaps this block's arithmetic, and a single
-// pass streams one block ahead. Sums are fp32
-// FMAs over K in order, as a plain dot product would add them. The gated variant
+// pass streams one block ahead. Sums are fp32 FMAs over K in order, as a plain dot product would
+// add them. The gated variant
 // (linear_f32_silu_mul) multiplies gate and up column blocks packed in alternation and writes
 // SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
 //
