@@ -10,9 +10,8 @@
 // row by row — every pass of a few rows' product, the first of a prompt's (linear_call.h's
 // for_each_tile) — so the next block's DRAM read overlaps this block's arithmetic, and a single
 // pass streams one block ahead. Sums are fp32 FMAs over K in order, as a plain dot product would
-// add them. The gated variant
-// (linear_f32_silu_mul) multiplies gate and up column blocks packed in alternation and writes
-// SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
+// add them. The gated variant (linear_f32_silu_mul) multiplies gate and up column blocks packed
+// in alternation and writes SiLU(gate) * up, as linear_bf16.cpp's does for bf16.
 //
 // Two register tilings: with AVX-512, 8 rows x 32 columns (16 accumulators); with AVX2 + FMA (16
 // registers: AMD Zen 2/3, Intel Haswell to Alder Lake), 6 rows x 16 columns (12 accumulators),
