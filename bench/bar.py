@@ -299,7 +299,7 @@ def measure_dtype(
 
     workload = load_workload(args.workload)
     cost_workloads = [load_workload(name) for name in args.cost_workload]
-    both = [workload, *(w for w in cost_workloads if w.name != workload.name)]
+    measured = [workload, *(w for w in cost_workloads if w.name != workload.name)]
     dtype_args = argparse.Namespace(**{**vars(args), "dtype": dtype})
     peak = matmul_peak_flops(getattr(torch, dtype), args.threads)
     float32_peak = peak if dtype == "float32" else matmul_peak_flops(torch.float32, args.threads)
@@ -307,7 +307,7 @@ def measure_dtype(
     runs: dict[str, dict[str, dict]] = {STATIC: {}}
     runs[STATIC][workload.name] = run_static(model_dir, dtype, workload, dtype_args)
     plan = [(workload, args.repeat)]  # the service's costs: the two alternating, both alive
-    plan += [(cost, args.cost_pairs) for cost in both[1:]]
+    plan += [(cost, args.cost_pairs) for cost in measured[1:]]
     runs[IN_PROCESS], runs[E2E] = run_paired(model_dir, plan, dtype_args, log_dir)
     vllm_info = None
     if args.vllm_python:
@@ -324,7 +324,7 @@ def measure_dtype(
     util_peak, util_dtype = utilisation_peak(
         dtype, best_peak, best_peak if dtype == "float32" else float32_peak
     )
-    flops = {w.name: model_flops(w, config) for w in both}
+    flops = {w.name: model_flops(w, config) for w in measured}
     rows = [
         system_row(system, name, summary, flops[name], util_peak)
         for system in SYSTEMS

@@ -110,16 +110,13 @@ def build_lock(folder: Path) -> Iterator[None]:
     """Hold `folder`'s build lock (an flock, dropped by the kernel when its holder dies), and
     remove the `lock` file of a torch build that died before it could."""
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "spindle-build.lock").open("a") as handle:
+    with (folder / "spindle-build.lock").open("a") as handle:  # closing it releases the flock
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            stale = folder / "lock"
-            if stale.exists():
-                log.warning("removing %s, left by a kernel build that did not finish", stale)
-                stale.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        stale = folder / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a kernel build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def use_threads(threads: int | None = None) -> None:
