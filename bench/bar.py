@@ -11,16 +11,20 @@ in one run and never two systems at once —
 
 then once the gateway's relay capacity (`relay_bench.measure`, 32 clients x 512 tokens). Spindle
 runs without prefix caching, as vLLM does: every repeat sends the same prompts. Each system runs
-`--repeat` times and the fastest repeat counts, but the two spindle systems, which price the
-service path, run alternately, both alive (`service_bench.run_paired`): mixed-32 `--repeat`
-times each, then each `--cost-workload` (`single`, `single-short`) `--cost-pairs` times each,
-whose TTFT p50s give one TTFT cost line each (the median of the pairs' differences with its 95 %
-interval, `load.paired_ttft_cost_ms`; the difference of the two sides' medians beside it; on
-mixed-32 the two admit requests differently, see service_bench).
-The machine's speed drifts by more than the few per cent and ms the path costs between its fast
-and slow spells (on a Zen 4, every system ran ~13 % faster an hour later), which runs one block
-after the other would not see alike; alternating, both do. The verdict lines
-(`verdict`, `relay_verdict`) are pure functions of the measured summaries, tested in
+`--repeat` times and its fastest run counts. Static batching runs first, alone; then spindle's
+two systems and vLLM take turns, all alive and idle but for the one running
+(`service_bench.run_paired`): mixed-32 `--repeat` rounds of one run each, the order rotating
+(in-process, e2e, vLLM; e2e, vLLM, in-process; ...); then each `--cost-workload` (`single`,
+`single-short`) `--cost-pairs` times on spindle's two alone, alternating, whose TTFT p50s give
+one TTFT cost line each (the median of the pairs' differences with its 95 % interval,
+`load.paired_ttft_cost_ms`; the difference of the two sides' medians beside it; on mixed-32 the
+two admit requests differently, see service_bench). The machine's speed drifts by more than the
+few per cent and ms the path costs, and by as much as the margin over vLLM, between its fast and
+slow spells (on a Zen 4, every system ran ~13 % faster an hour later; on a Zen 3, vLLM's TTFT
+p99 read 17.6 s and 16.1 s, spindle's 13.7 s and 16.7 s, in two runs an hour apart), which runs
+one block after the other would not see alike; taking turns, all do. The cost and vLLM lines
+show each round's figure beside the fastest runs'. The verdict lines (`verdict`,
+`relay_verdict`) are pure functions of the measured summaries, tested in
 tests/unit/test_bench_bar.py.
 
     python -m bench.bar --dtype bfloat16 float32 --vllm-python /work/vllm-venv/bin/python \\
@@ -30,10 +34,12 @@ tests/unit/test_bench_bar.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,11 @@ from typing import Any
 from bench.load import best_run, clocked_summary
 from bench.report import write_report
 from bench.service_bench import (
+    IN_PROCESS_SIDE,
+    SERVED_SIDE,
     WARMUP,
+    Server,
+    Turn,
     add_engine_arguments,
     compare,
     run_paired,
@@ -103,6 +113,8 @@ def vllm_line(e2e: dict | None, vllm: dict | None) -> BarLine:
     my_p99, their_p99 = ttft_ms(e2e, 99), ttft_ms(vllm, 99)
     assert my_p99 is not None and their_p99 is not None
     measured = f"{ratio:.2f}x, p99 {my_p99 / 1000:.2f} s vs {their_p99 / 1000:.2f} s"
+    if each := paired_rates(e2e, vllm):
+        measured += " (each round: " + ", ".join(f"{a / b:.2f}x" for a, b in each) + ")"
     passed = ratio >= VLLM_RATIO_BAR and my_p99 <= their_p99
     return BarLine(name, measured, target, passed, ratio)
 
@@ -149,15 +161,19 @@ def ttft_cost_line(cost_workload: dict[str, dict | None], name: str) -> BarLine:
 
 
 def pair_costs_pct(in_process: dict, e2e: dict) -> list[float]:
-    """1 - served / in-process tok/s of each alternating pair (`service_bench.run_paired` keeps
-    every run's rate in run order, the i-th of each side being the i-th pair), for two or more
-    pairs: adjacent runs share the machine's spell, so their spread shows how far the fastest
-    runs' cost can be trusted."""
-    mine = in_process.get("repeat_tokens_per_s") or []
-    served = e2e.get("repeat_tokens_per_s") or []
-    if len(mine) < 2 or len(mine) != len(served) or not all(mine) or not all(served):
+    """1 - served / in-process tok/s of each alternating pair: adjacent runs share the machine's
+    spell, so their spread shows how far the fastest runs' cost can be trusted."""
+    return [100 * (1 - theirs / ours) for ours, theirs in paired_rates(in_process, e2e)]
+
+
+def paired_rates(first: dict, second: dict) -> list[tuple[float, float]]:
+    """The two sides' tok/s round by round (`service_bench.run_paired` keeps every run's rate in
+    run order, the i-th of each side from the i-th round), for two or more complete rounds."""
+    mine = first.get("repeat_tokens_per_s") or []
+    theirs = second.get("repeat_tokens_per_s") or []
+    if len(mine) < 2 or len(mine) != len(theirs) or not all(mine) or not all(theirs):
         return []
-    return [100 * (1 - theirs / ours) for ours, theirs in zip(mine, served, strict=True)]
+    return list(zip(mine, theirs, strict=True))
 
 
 def verdict(runs: dict[str, dict[str, dict]], workload: str, *cost_workloads: str) -> list[BarLine]:
@@ -289,6 +305,24 @@ def run_static(model_dir: Path, dtype: str, workload: Workload, args: argparse.N
     return best_run(summaries)
 
 
+@contextlib.contextmanager
+def vllm_peer(
+    args: argparse.Namespace, model_dir: Path, dtype: str, log_dir: Path
+) -> Iterator[tuple[dict[str, Server], dict[str, Any] | None]]:
+    """With `--vllm-python`, vLLM's OpenAI server started for `run_paired` as its peer, with its
+    version and start-up time; without it, no peer and no info."""
+    if not args.vllm_python:
+        yield {}, None
+        return
+    from bench.vllm_server import VLLMServer, vllm_version
+
+    info: dict[str, Any] = {"version": vllm_version(args.vllm_python)}
+    log_path = log_dir / f"vllm-{dtype}.log"
+    with VLLMServer(args.vllm_python, model_dir, dtype, log_path, threads=args.threads) as server:
+        info["startup_s"] = server.startup_s
+        yield {VLLM: server}, info
+
+
 def measure_dtype(
     model_dir: Path, dtype: str, args: argparse.Namespace, config: Any, log_dir: Path
 ) -> dict[str, Any]:
@@ -306,18 +340,15 @@ def measure_dtype(
     print(f"[{dtype}] matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     runs: dict[str, dict[str, dict]] = {STATIC: {}}
     runs[STATIC][workload.name] = run_static(model_dir, dtype, workload, dtype_args)
-    plan = [(workload, args.repeat)]  # the service's costs: the two alternating, both alive
-    plan += [(cost, args.cost_pairs) for cost in measured[1:]]
-    runs[IN_PROCESS], runs[E2E] = run_paired(model_dir, plan, dtype_args, log_dir)
-    vllm_info = None
-    if args.vllm_python:
-        from bench.vllm_server import run_vllm
-
-        vllm_info = run_vllm(
-            args.vllm_python, model_dir, dtype, [workload],
-            repeat=args.repeat, threads=args.threads, log_dir=log_dir,
-        )  # fmt: skip
-        runs[VLLM] = vllm_info.pop("workloads")
+    # spindle's two sides and vLLM take turns on the bar's workload, all alive; then the
+    # service's TTFT costs, spindle's two alternating
+    plan = [Turn(workload, args.repeat, peers=True)]
+    plan += [Turn(cost, args.cost_pairs) for cost in measured[1:]]
+    with vllm_peer(args, model_dir, dtype, log_dir) as (peers, vllm_info):
+        sides = run_paired(model_dir, plan, dtype_args, log_dir, peers)
+    runs[IN_PROCESS], runs[E2E] = sides[IN_PROCESS_SIDE], sides[SERVED_SIDE]
+    if VLLM in sides:
+        runs[VLLM] = sides[VLLM]
     peak_after = matmul_peak_flops(getattr(torch, dtype), args.threads)
     # the faster of the two: the machine's slow spells lower a measurement, never raise it
     best_peak = max(peak, peak_after)

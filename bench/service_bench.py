@@ -41,9 +41,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import httpx
 
@@ -289,7 +289,7 @@ def run_served(server: Server, workloads: list[Workload], repeat: int) -> dict[s
     }
 
 
-def served_once(server: Server, workload: Workload) -> dict[str, Any]:
+def served_once(server: Server, workload: Workload, label: str = "served") -> dict[str, Any]:
     load = os.getloadavg()[0]
     cpu_before, client_before = server.cpu_by_role(), time.process_time()
     records = drive(run_workload(server.url, server.model, workload))
@@ -303,7 +303,8 @@ def served_once(server: Server, workload: Workload) -> dict[str, Any]:
     summary["errors"] = [r.error for r in records if r.error][:3]
     ttft = (summary.get("ttft") or {}).get("p50_ms")
     print(
-        f"  served {workload.name}: {summary.get('output_tokens_per_s')} tok/s, TTFT p50 {ttft} ms",
+        f"  {label} {workload.name}: {summary.get('output_tokens_per_s')} tok/s, "
+        f"TTFT p50 {ttft} ms",
         flush=True,
     )
     return summary
@@ -322,52 +323,70 @@ IN_PROCESS_SIDE, SERVED_SIDE = "in-process", "served"
 PAIRED_SETTLE_S = 0.3  # between runs: the last run's threads go idle
 
 
+class Turn(NamedTuple):
+    """One workload's turn in `run_paired`: `rounds` rounds, each side once a round; with
+    `peers`, the peer servers take part in its rounds too."""
+
+    workload: Workload
+    rounds: int
+    peers: bool = False
+
+
 def run_paired(
     model_dir: Path,
-    plan: list[tuple[Workload, int]],
+    plan: list[Turn],
     args: argparse.Namespace,
     log_dir: Path,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Each (workload, pairs) of `plan` in turn, `pairs` times through each system, the two
-    alternating (`paired_order`) with both alive and idle in turn: (in-process, served) summaries
-    by workload name, each the fastest run with every run's tokens/s and TTFT p50 in run order
-    (`best_run`).
+    peers: Mapping[str, Server] | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each turn of `plan` in order: its rounds, each running the workload once on every side —
+    in-process, served and, on a turn with `peers`, each started peer server (vLLM for the bar)
+    — in the order `round_order` rotates, all of them alive and idle but for the one running.
+    Returns each side's summaries by workload name, each the fastest run with every run's
+    tokens/s and TTFT p50 in run order (`best_run`), so the i-th runs of two sides are a pair.
 
-    This prices the service path: on these shared 2-core machines the speed drifts between
-    regimes that last seconds to minutes (a 128-token bf16 prefill on the AMX Xeon: ~35 ms in
-    one, 53-65 ms in the next; a Zen 4 ran every system ~13 % faster an hour later), so two
-    systems measured one after the other differ by more than the few ms or per cent the path
-    costs; interleaved, both see the same regimes."""
+    This prices the service path and compares spindle with a peer fairly: on these shared
+    2-core machines the speed drifts between regimes that last seconds to minutes (a 128-token
+    bf16 prefill on the AMX Xeon: ~35 ms in one, 53-65 ms in the next; a Zen 4 ran every system
+    ~13 % faster an hour later; one Zen 3 core ran a register tile at 65 or 90 GFLOP/s by the
+    minute), so two systems measured one after the other differ by more than the few ms or per
+    cent the path costs; interleaved, all see the same regimes."""
+    peers = dict(peers or {})
     llm = in_process_engine(model_dir, args)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {IN_PROCESS_SIDE: {}, SERVED_SIDE: {}}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        side: {} for side in (IN_PROCESS_SIDE, SERVED_SIDE, *peers)
+    }
     try:
         with Serve(model_dir, engine_options(args), args.threads, log_dir / "paired.log") as serve:
-            drive(run_workload(serve.url, serve.model, WARMUP))
-            for workload, pairs in plan:
-                for index, side in enumerate(paired_order(pairs)):
+            servers: dict[str, Server] = {SERVED_SIDE: serve, **peers}
+            for server in servers.values():
+                drive(run_workload(server.url, server.model, WARMUP))
+            for workload, rounds, with_peers in plan:
+                sides = [IN_PROCESS_SIDE, SERVED_SIDE, *(peers if with_peers else ())]
+                for index, side in enumerate(round_order(sides, rounds)):
                     time.sleep(PAIRED_SETTLE_S)
                     if side == IN_PROCESS_SIDE:
                         summary = in_process_once(llm, workload, f"{workload.name}-paired-{index}")
                     else:
-                        summary = served_once(serve, workload)
+                        summary = served_once(servers[side], workload, side)
                     runs[side].setdefault(workload.name, []).append(summary)
     finally:
         del llm
         gc.collect()
-    in_process, served = (
-        {name: best_run(summaries) for name, summaries in runs[side].items()}
-        for side in (IN_PROCESS_SIDE, SERVED_SIDE)
-    )
-    return in_process, served
+    return {
+        side: {name: best_run(summaries) for name, summaries in by_workload.items()}
+        for side, by_workload in runs.items()
+    }
 
 
-def paired_order(pairs: int) -> list[str]:
-    """In-process and served runs alternating, each pair in the other order than the one before
-    (ABBA ...), so neither side always runs first after a pause."""
+def round_order(sides: list[str], rounds: int) -> list[str]:
+    """`rounds` rounds of every side once, each round's order the one before rotated by one
+    (AB BA AB ..., ABC BCA CAB ...), so no side always runs first after a pause or always
+    follows the same other side."""
     order = []
-    for pair in range(pairs):
-        sides = [IN_PROCESS_SIDE, SERVED_SIDE]
-        order += sides if pair % 2 == 0 else sides[::-1]
+    for round_index in range(rounds):
+        shift = round_index % len(sides)
+        order += sides[shift:] + sides[:shift]
     return order
 
 
@@ -472,13 +491,9 @@ def main(argv: list[str] | None = None) -> None:
     report["options"] = {**engine_options(args), "threads": args.threads}
     with log_folder(args.log_dir) as log_dir:
         if args.pairs:
-            in_process, served = run_paired(
-                model_dir, [(workload, args.pairs)], args, Path(log_dir)
-            )
-            report["in_process"], report["service"] = (
-                in_process[workload.name],
-                served[workload.name],
-            )
+            sides = run_paired(model_dir, [Turn(workload, args.pairs)], args, Path(log_dir))
+            report["in_process"] = sides[IN_PROCESS_SIDE][workload.name]
+            report["service"] = sides[SERVED_SIDE][workload.name]
         else:
             report["in_process"] = run_in_process(model_dir, [workload], args)[workload.name]
             report["service"] = run_service(model_dir, [workload], args, Path(log_dir))[

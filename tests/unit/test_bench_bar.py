@@ -23,8 +23,8 @@ from bench.service_bench import (
     IN_PROCESS_SIDE,
     SERVED_SIDE,
     as_flags,
-    paired_order,
     process_role,
+    round_order,
 )
 
 
@@ -186,13 +186,13 @@ def test_engine_options_become_worker_flags_with_boolean_pairs() -> None:
     assert as_flags({"enable_prefix_caching": True}) == ["--enable-prefix-caching"]
 
 
-def test_the_paired_ttft_runs_alternate_and_swap_who_goes_first() -> None:
-    order = paired_order(3)
+def test_the_paired_runs_rotate_who_goes_first() -> None:
+    order = round_order([IN_PROCESS_SIDE, SERVED_SIDE], 3)
     assert order == [
         IN_PROCESS_SIDE, SERVED_SIDE, SERVED_SIDE, IN_PROCESS_SIDE, IN_PROCESS_SIDE, SERVED_SIDE
     ]  # fmt: skip
-    assert order.count(IN_PROCESS_SIDE) == order.count(SERVED_SIDE) == 3
-    assert paired_order(0) == []
+    assert round_order(["a", "b", "c"], 4) == list("abcbcacababc")
+    assert round_order(["a", "b"], 0) == []
 
 
 def test_utilisation_reads_against_float32_where_the_dtype_has_no_fast_matmul() -> None:
@@ -228,6 +228,20 @@ def test_the_throughput_cost_shows_each_alternating_pair() -> None:
         verdict(runs(in_process=dict(mixed=lone), e2e=dict(mixed=e2e)), "mixed", "single")
     )
     assert lines["service throughput cost"].measured == "2.5 %"  # no pairs to show
+
+
+def test_the_vllm_line_shows_each_round_beside_the_fastest_runs() -> None:
+    """spindle e2e and vLLM take turns on mixed-32; the ratio is of the fastest runs, and each
+    round's ratio shows how far a slow spell moved it."""
+    e2e = {**summary(150.0, ttft_p99_ms=14_000), "repeat_tokens_per_s": [150.0, 120.0]}
+    vllm = {**summary(100.0, ttft_p99_ms=17_000), "repeat_tokens_per_s": [100.0, 96.0]}
+    lines = by_bar(verdict(runs(e2e=dict(mixed=e2e), vllm=dict(mixed=vllm)), "mixed"))
+    line = lines["e2e / vLLM tok/s, TTFT p99"]
+    assert line.value == pytest.approx(1.5) and line.passed is True
+    assert line.measured == "1.50x, p99 14.00 s vs 17.00 s (each round: 1.50x, 1.25x)"
+    lone = {**summary(100.0), "repeat_tokens_per_s": [100.0]}
+    lines = by_bar(verdict(runs(e2e=dict(mixed=e2e), vllm=dict(mixed=lone)), "mixed"))
+    assert "each round" not in lines["e2e / vLLM tok/s, TTFT p99"].measured  # rounds differ
 
 
 def test_serve_children_are_told_apart_by_program_and_module() -> None:
