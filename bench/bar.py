@@ -108,7 +108,7 @@ def static_line(e2e: dict | None, static: dict | None) -> BarLine:
 def vllm_line(e2e: dict | None, vllm: dict | None) -> BarLine:
     name, target = "e2e / vLLM tok/s, TTFT p99", f">= {VLLM_RATIO_BAR:g}x, p99 <= vLLM's"
     mine, theirs = tokens_per_s(e2e), tokens_per_s(vllm)
-    if mine is None or theirs is None:
+    if e2e is None or vllm is None or mine is None or theirs is None:
         return BarLine(name, "vLLM not run" if vllm is None else "not measured", target, None)
     ratio = mine / theirs
     my_p99, their_p99 = ttft_ms(e2e, 99), ttft_ms(vllm, 99)
