@@ -13,7 +13,9 @@ from bench.bar import (
     STATIC,
     VLLM,
     BarLine,
+    cost_turns,
     markdown_table,
+    parse_args,
     relay_verdict,
     system_row,
     ttft_cost_verdict,
@@ -27,6 +29,7 @@ from bench.service_bench import (
     process_role,
     round_order,
 )
+from bench.workloads import Workload
 
 
 def summary(tok_s: float, ttft_p50_ms: float = 100.0, ttft_p99_ms: float = 1000.0) -> dict:
@@ -255,6 +258,24 @@ def test_the_vllm_line_shows_each_round_beside_the_fastest_runs() -> None:
     lone = {**summary(100.0), "repeat_tokens_per_s": [100.0]}
     lines = by_bar(verdict(runs(e2e=dict(mixed=e2e), vllm=dict(mixed=lone)), "mixed"))
     assert "each round" not in lines["e2e / vLLM tok/s, TTFT p99"].measured  # rounds differ
+
+
+def test_each_cost_workload_gets_its_own_number_of_pairs() -> None:
+    single, short, mixed = (Workload(name, 0, []) for name in ("single", "single-short", "mixed"))
+    turns = cost_turns([single, short], [20, 60], "mixed")
+    assert [(t.workload.name, t.rounds, t.peers) for t in turns] == [
+        ("single", 20, False), ("single-short", 60, False)
+    ]  # fmt: skip
+    assert [t.rounds for t in cost_turns([single, short], [8], "mixed")] == [8, 8]
+    # the bar's own workload is priced by its rounds, not a second turn
+    assert [t.workload.name for t in cost_turns([mixed, short], [20, 60], "mixed")] == [
+        "single-short"
+    ]
+    with pytest.raises(ValueError, match="3 pair counts for 2"):
+        cost_turns([single, short], [1, 2, 3], "mixed")
+    assert parse_args([]).cost_pairs == [20, 60]
+    with pytest.raises(SystemExit):
+        parse_args(["--cost-workload", "single", "single-short", "--cost-pairs", "1", "2", "3"])
 
 
 def test_serve_children_are_told_apart_by_program_and_module() -> None:
