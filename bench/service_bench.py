@@ -381,8 +381,7 @@ def run_paired(
 
 def round_order(sides: list[str], rounds: int) -> list[str]:
     """`rounds` rounds of every side once, each round's order the one before rotated by one
-    (AB BA AB ..., ABC BCA CAB ...), so no side always runs first after a pause or always
-    follows the same other side."""
+    (AB BA AB ..., ABC BCA CAB ...), so no side always runs first after a pause."""
     order = []
     for round_index in range(rounds):
         shift = round_index % len(sides)
