@@ -159,6 +159,30 @@ def median_ttft_p50_ms(summary: dict[str, Any]) -> float:
     return statistics.median(repeats) if repeats else summary["ttft"]["p50_ms"]
 
 
+def paired_rates(baseline: dict[str, Any], other: dict[str, Any]) -> list[tuple[float, float]]:
+    """The two sides' tok/s pair by pair (the i-th repeat of each from the i-th round, as
+    `service_bench.run_paired` keeps them), for two or more complete pairs; else []."""
+    mine = baseline.get("repeat_tokens_per_s") or []
+    theirs = other.get("repeat_tokens_per_s") or []
+    if len(mine) < 2 or len(mine) != len(theirs) or not all(mine) or not all(theirs):
+        return []
+    return list(zip(mine, theirs, strict=True))
+
+
+def pair_throughput_costs_pct(baseline: dict[str, Any], other: dict[str, Any]) -> list[float]:
+    """1 - other / baseline tok/s of each pair (`paired_rates`), in per cent."""
+    return [100 * (1 - theirs / ours) for ours, theirs in paired_rates(baseline, other)]
+
+
+def paired_throughput_cost_pct(baseline: dict[str, Any], other: dict[str, Any]) -> float | None:
+    """The median of the pairs' throughput costs (`pair_throughput_costs_pct`), or None without
+    two pairs. Adjacent runs share the machine's spell; the fastest runs of each side need not
+    (on the Zen 3 one in-process run at 174 tok/s against its other round's 148 made a 9.6 %
+    cost of pairs reading -4.6 and +9.6 %)."""
+    costs = pair_throughput_costs_pct(baseline, other)
+    return statistics.median(costs) if costs else None
+
+
 def pair_differences(baseline: dict[str, Any], other: dict[str, Any]) -> list[float] | None:
     """`other`'s TTFT p50 minus `baseline`'s, pair by pair (the i-th repeat of each being the
     i-th pair, as `service_bench.run_paired` keeps them), or None without two or more complete

@@ -52,6 +52,7 @@ from bench.load import (
     clocked_summary,
     drive,
     median_ttft_p50_ms,
+    paired_throughput_cost_pct,
     paired_ttft_cost_interval_ms,
     paired_ttft_cost_ms,
     run_workload,
@@ -390,13 +391,16 @@ def round_order(sides: list[str], rounds: int) -> list[str]:
 
 
 def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
-    """The service's costs: throughput from the fastest runs; TTFT p50 as the median of the
-    alternating pairs' differences where there are pairs (`paired_ttft_cost_ms`, with its 95 %
-    interval), else as the difference of the two sides' medians — which is kept alongside as
-    `ttft_p50_medians_cost_ms`."""
+    """The service's costs, read pair by pair where the runs alternated: throughput as the
+    median of the pairs' costs (`paired_throughput_cost_pct`), else from the fastest runs, which
+    are kept alongside as `throughput_cost_fastest_pct`; TTFT p50 as the median of the pairs'
+    differences (`paired_ttft_cost_ms`, with its 95 % interval), else as the difference of the
+    two sides' medians, kept alongside as `ttft_p50_medians_cost_ms`."""
     if not service.get("completed"):
         return {"throughput_ratio": None, "ttft_p50_cost_ms": None}
-    ratio = service["output_tokens_per_s"] / in_process["output_tokens_per_s"]
+    fastest_ratio = service["output_tokens_per_s"] / in_process["output_tokens_per_s"]
+    paired_cost = paired_throughput_cost_pct(in_process, service)
+    ratio = fastest_ratio if paired_cost is None else 1 - paired_cost / 100
     medians_cost = median_ttft_p50_ms(service) - median_ttft_p50_ms(in_process)
     paired = paired_ttft_cost_ms(in_process, service)
     ttft_cost = medians_cost if paired is None else paired
@@ -404,6 +408,8 @@ def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, An
     return {
         "throughput_ratio": round(ratio, 4),
         "throughput_cost_pct": round(100 * (1 - ratio), 2),
+        "throughput_cost_fastest_pct": round(100 * (1 - fastest_ratio), 2),
+        "throughput_cost_from_pairs": paired_cost is not None,
         "ttft_p50_cost_ms": round(ttft_cost, 2),
         "ttft_p50_medians_cost_ms": round(medians_cost, 2),
         "ttft_cost_from_pairs": paired is not None,
