@@ -57,8 +57,8 @@ class Generation:
 
 async def start_generation(gateway: Gateway, plan: Plan) -> Generation:
     """Take an admission slot (429 when a limit is full) and subscribe to the plan's jobs (503
-    when Redis fails); iterating `relay.batches()` enqueues them. The caller closes what it gets
-    back."""
+    when Redis cannot be reached); iterating `relay.batches()` enqueues them once Redis confirmed
+    the subscriptions. The caller closes what it gets back."""
     name = plan.model.name
     slot = gateway.admission.admit(name, gateway.registry.queued(name))
     try:

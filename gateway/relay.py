@@ -1,15 +1,18 @@
 """Puts a request's Jobs on Redis and relays the worker's Events back, per DESIGN.md's contract.
 
-`EventRelay.start(jobs)` runs in the route, before any response exists: it SUBSCRIBEs to every
-job's `spindle:out:{id}` and waits for the confirmations (a Redis failure is then a 503, not a
-message inside a 200 stream). The `Relay` it returns adds the jobs when its `batches()` is first
-iterated, with one script that checks the model stream's length first (`--max-queue`; 429 when
-full), so no event can be published before anyone listens and the check and the add are one round
-trip. A streamed response iterates only after its headers went out: once the job is in the
-stream, the gateway has nothing left to do until the first token, and does not take CPU from a
-worker sharing its cores while that worker prefills (on the 2-core Xeon, the headers sent after
-the XADD cost a lone request's prefill step ~2 ms). The admission check before (`Admission`, on
-the registry's view of the stream) keeps a full queue's 429 a status code but for a race.
+`EventRelay.start(jobs)` runs in the route, before any response exists: it sends the SUBSCRIBE to
+every job's `spindle:out:{id}` (a Redis that cannot be reached is then a 503, not a message inside
+a 200 stream). The `Relay` it returns, when its `batches()` is first iterated, waits for Redis to
+confirm the subscriptions and then adds the jobs, with one script that checks the model stream's
+length first (`--max-queue`; 429 when full), so no event can be published before anyone listens
+and the check and the add are one round trip. A streamed response iterates only after its headers
+went out: the confirmation's round trip overlaps them, and once the job is in the stream, the
+gateway has nothing left to do until the first token, and does not take CPU from a worker sharing
+its cores while that worker prefills (on the 2-core Xeon, the headers sent after the XADD cost a
+lone request's prefill step ~2 ms). A Redis that takes the SUBSCRIBE but never confirms it
+(`subscriber.CONFIRM_TIMEOUT_S`) fails the stream with a 503 message. The admission check before
+(`Admission`, on the registry's view of the stream) keeps a full queue's 429 a status code but for
+a race.
 
 The relay yields batches: all the events that arrived together, in `seq` order with duplicates
 dropped (a resumed job may repeat one), so the response can send them in one write. A job is over
@@ -136,8 +139,9 @@ class EventRelay:
         self._enqueue_script = redis.register_script(_ENQUEUE_SCRIPT)
 
     async def start(self, jobs: Sequence[Job], max_queue: int = UNLIMITED_QUEUE) -> Relay:
-        """Subscribe to the jobs' channels; the relay enqueues them when first iterated, unless
-        the model's stream holds `max_queue` jobs then (429). The caller closes the relay."""
+        """Subscribe to the jobs' channels (sent, not yet confirmed); the relay enqueues them
+        when first iterated, once Redis confirmed the subscriptions, unless the model's stream
+        holds `max_queue` jobs then (429). The caller closes the relay."""
         relay = Relay(self, jobs, max_queue)
         try:
             relay.inbox = await self.subscriber.subscribe(list(relay.channels))
@@ -183,12 +187,13 @@ class Relay:
         self._closed = False
 
     async def batches(self) -> AsyncIterator[EventBatch]:
-        """Enqueue the jobs, then yield batches of (position of the job in `jobs`, event) until
-        every job is over; the relay is closed when this generator ends or is closed
-        (`contextlib.aclosing`)."""
+        """Wait for the subscriptions, enqueue the jobs, then yield batches of (position of the
+        job in `jobs`, event) until every job is over; the relay is closed when this generator
+        ends or is closed (`contextlib.aclosing`)."""
         assert self.inbox is not None, "a relay yields events once started (EventRelay.start)"
         token_gaps = self._relays.metrics.token_gaps(self.jobs[0].model)
         try:
+            await self.inbox.confirmed()
             self.enqueued = True  # a failure from here may leave the jobs in the stream
             try:
                 await self._relays.enqueue(self.jobs, self.max_queue)

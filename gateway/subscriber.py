@@ -1,17 +1,20 @@
 """One Redis pub/sub connection per gateway process, shared by every request it relays.
 
-`Subscriber.subscribe(channels)` returns an `Inbox` once Redis has confirmed every channel, so the
-caller may enqueue its jobs knowing no event can be missed (DESIGN.md's rule). One reader task owns
+`Subscriber.subscribe(channels)` sends the SUBSCRIBE and returns an `Inbox` at once, and
+`inbox.confirmed()` returns once Redis has confirmed every channel, so the caller may enqueue its
+jobs knowing no event can be missed (DESIGN.md's rule). What the caller does in between (a
+streamed response sends its headers) overlaps the confirmation's round trip, which an idle
+gateway had waited out before doing anything else. One reader task owns
 the connection's input: it parses replies as they arrive and appends each message to the inbox of
 its channel. Whatever is already in the socket buffer is routed without waiting on the socket
 again, and an inbox wakes its relay once per burst, so a relay takes everything that arrived
 together in one `take()`.
 
-If the connection drops, or stops confirming subscriptions (`CONFIRM_TIMEOUT_S`), every open
-inbox fails with a redis `ConnectionError` (what was published meanwhile is lost: pub/sub keeps
-nothing, so resubscribing could not make those streams whole), and the next `subscribe` opens a
-new connection. The reader never waits on a relay, so a slow client cannot hold up the others:
-its events wait in its inbox.
+If the connection drops, or stops confirming subscriptions (`CONFIRM_TIMEOUT_S`; the unconfirmed
+inbox fails with a 503 `ApiError`), every open inbox fails with a redis `ConnectionError` (what
+was published meanwhile is lost: pub/sub keeps nothing, so resubscribing could not make those
+streams whole), and the next `subscribe` opens a new connection. The reader never waits on a
+relay, so a slow client cannot hold up the others: its events wait in its inbox.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Inbox:
         self._error: BaseException | None = None
         self._unconfirmed = set(channels)
         self._confirmed = asyncio.get_running_loop().create_future()
+        # set by the subscriber: fails the inbox if the confirmation takes too long
+        self.confirm_timer: asyncio.TimerHandle | None = None
 
     def deliver(self, channel: bytes, data: bytes) -> None:
         self._messages.append((channel, data))
@@ -53,15 +58,23 @@ class Inbox:
         self._unconfirmed.discard(channel)
         if not self._unconfirmed and not self._confirmed.done():
             self._confirmed.set_result(None)
+            self.stop_confirm_timer()
+
+    def stop_confirm_timer(self) -> None:
+        if self.confirm_timer is not None:
+            self.confirm_timer.cancel()
+            self.confirm_timer = None
 
     def fail(self, error: BaseException) -> None:
         """End the inbox: the next `take()` (or a pending one) raises `error`."""
         self._error = self._error or error
+        self.stop_confirm_timer()
         if not self._confirmed.done():
             self._confirmed.set_result(None)
         self._wake()
 
     async def confirmed(self) -> None:
+        """Returns once Redis confirmed every channel; raises the error the inbox failed with."""
         await self._confirmed
         if self._error is not None:
             raise self._error
@@ -104,6 +117,7 @@ class Subscriber:
         self._connection: AbstractConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
+        self._closing: set[asyncio.Future[None]] = set()  # disconnects under way (held, not lost)
 
     @property
     def subscribed(self) -> int:
@@ -111,24 +125,21 @@ class Subscriber:
         return len(self._inboxes)
 
     async def subscribe(self, channels: list[bytes]) -> Inbox:
-        """An inbox for `channels`, returned once Redis confirmed them all (503 if it did not
-        within the timeout); raises redis' ConnectionError if Redis cannot be reached."""
+        """An inbox for `channels`, returned once the SUBSCRIBE is sent; `inbox.confirmed()`
+        waits for Redis to confirm it (and fails with a 503 if Redis did not within the
+        timeout). Raises redis' ConnectionError if Redis cannot be reached."""
         connection = await self._connected()
         inbox = Inbox(channels)
         for channel in channels:
             self._inboxes[channel] = inbox
         try:
             await connection.send_command("SUBSCRIBE", *channels, check_health=False)
-            await asyncio.wait_for(inbox.confirmed(), self._confirm_timeout_s)
-        except TimeoutError:
-            # A connection that no longer answers (a half-open TCP link) would fail every later
-            # request the same way: drop it, and the next request opens a fresh one.
-            message = f"Redis did not confirm the subscription in {self._confirm_timeout_s:g} s"
-            await self._lost(connection, TimeoutError(message))
-            raise ApiError(503, message) from None
         except BaseException:
             await asyncio.shield(self._release(inbox))
             raise
+        inbox.confirm_timer = asyncio.get_running_loop().call_later(
+            self._confirm_timeout_s, self._unconfirmed, inbox, connection
+        )
         return inbox
 
     async def unsubscribe(self, inbox: Inbox) -> None:
@@ -142,10 +153,28 @@ class Subscriber:
         connection, self._connection = self._connection, None
         self._fail_all(RedisConnectionError("the gateway is shutting down"))
         if connection is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await connection.disconnect(nowait=True)
+            await self._disconnect(connection)
+
+    def _unconfirmed(self, inbox: Inbox, connection: AbstractConnection) -> None:
+        """The confirmation did not come in time. A connection that no longer answers (a
+        half-open TCP link) would fail every later request the same way: drop it, and the next
+        request opens a fresh one."""
+        message = f"Redis did not confirm the subscription in {self._confirm_timeout_s:g} s"
+        inbox.fail(ApiError(503, message))
+        if self._connection is connection:
+            self._connection = None
+            self._fail_all(RedisConnectionError(f"lost the pub/sub connection to Redis: {message}"))
+        closing = asyncio.ensure_future(self._disconnect(connection))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _disconnect(connection: AbstractConnection) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await connection.disconnect(nowait=True)
 
     async def _release(self, inbox: Inbox) -> None:
+        inbox.stop_confirm_timer()  # released unconfirmed: no reason to doubt the connection
         routed = [channel for channel in inbox.channels if self._inboxes.get(channel) is inbox]
         for channel in routed:
             del self._inboxes[channel]
@@ -195,8 +224,7 @@ class Subscriber:
         if self._connection is connection:
             self._connection = None
             self._fail_all(RedisConnectionError(f"lost the pub/sub connection to Redis: {error}"))
-        with contextlib.suppress(RedisError, OSError):
-            await connection.disconnect(nowait=True)
+        await self._disconnect(connection)
 
     def _fail_all(self, error: BaseException) -> None:
         inboxes = {id(inbox): inbox for inbox in self._inboxes.values()}

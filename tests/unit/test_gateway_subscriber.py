@@ -1,6 +1,7 @@
 """The subscriber's parts without a real Redis: the inbox that buffers one request's pub/sub
 messages, and the subscriber against a fake server that never confirms a SUBSCRIBE (a connection
-that stopped answering is dropped, and the next request opens a new one)."""
+that stopped answering is dropped, and the next request opens a new one; a request released
+before its confirmation leaves the connection alone)."""
 
 from __future__ import annotations
 
@@ -104,12 +105,34 @@ async def test_an_unconfirmed_subscription_is_a_503_and_drops_the_connection() -
         redis = Redis(port=mute.port)
         subscriber = Subscriber(redis, confirm_timeout_s=0.2)
         for attempt in (1, 2):
+            inbox = await subscriber.subscribe([b"spindle:out:x"])  # sent, not yet confirmed
+            assert subscriber.subscribed == 1
             with pytest.raises(ApiError) as caught:
-                await subscriber.subscribe([b"spindle:out:x"])
+                await asyncio.wait_for(inbox.confirmed(), 2)
             assert caught.value.status == 503 and "did not confirm" in caught.value.message
             assert mute.connections == attempt  # a fresh connection for each try
             assert subscriber.subscribed == 0
         await asyncio.sleep(0.05)
         assert mute.closed >= 1
+        await subscriber.close()
+        await redis.aclose()
+
+
+async def test_a_subscription_released_unconfirmed_keeps_the_connection() -> None:
+    """A request that ends before Redis confirmed it (its client left) must not make the
+    confirmation's timeout drop the connection every other request shares."""
+    async with mute_server() as mute:
+        redis = Redis(port=mute.port)
+        subscriber = Subscriber(redis, confirm_timeout_s=0.1)
+        inbox = await subscriber.subscribe([b"spindle:out:x"])
+        await subscriber.unsubscribe(inbox)
+        other = await subscriber.subscribe([b"spindle:out:y"])
+        await asyncio.sleep(0.05)
+        await subscriber.unsubscribe(other)
+        await asyncio.sleep(0.2)  # past both timeouts
+        assert mute.connections == 1 and mute.closed == 0
+        third = await subscriber.subscribe([b"spindle:out:z"])
+        with pytest.raises(ApiError):
+            await asyncio.wait_for(third.confirmed(), 2)  # still times out when it must
         await subscriber.close()
         await redis.aclose()
