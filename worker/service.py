@@ -33,7 +33,7 @@ from common.keys import Keys
 from common.protocol import ErrorInfo, Event, Job, Usage
 from worker.engine.engine import LLMEngine, RequestError
 from worker.flights import Flights
-from worker.job_queue import Delivery, JobQueue
+from worker.job_queue import CancelledCheck, Delivery, JobQueue
 from worker.metrics import WorkerMetrics
 from worker.publisher import BackgroundPublisher
 from worker.settings import WorkerSettings
@@ -104,12 +104,18 @@ class WorkerService:
         events and of the requests cancelled meanwhile (with a pull when busy)."""
         self._expire_deadlines()
         pulled = self.publisher.take_pulled()  # this worker's already: admitted when stopping
-        self._admit(pulled if self.stopping else pulled + self._claim_orphans() + self._pull())
+        if self.stopping:
+            self._admit(pulled)
+            lone_check = None
+        else:
+            self._admit(pulled + self._claim_orphans())
+            lone_check = self._admit_pulled(self._pull())
         events = self._step()
         # Cancels are read here, before the publisher thread starts on this pass's send: the
         # read releases the GIL, and a busy publisher would then keep it for its whole send
         # (read first thing in the next pass, it waited 0.4-0.5 ms a pass).
         events += self._cancelled()
+        events += self._cancelled_before_start(lone_check)
         self._publish_step(events)
         self._drop_abandoned(self.publisher.take_listeners())
         self._heartbeat()
@@ -204,8 +210,36 @@ class WorkerService:
         min_idle_ms = int(self.settings.heartbeat_ttl * 1000)
         return self.queue.claim_orphans(min_idle_ms, capacity)
 
-    def _admit(self, deliveries: list[Delivery]) -> None:
-        cancelled = self.queue.cancelled([d.job.id for d in deliveries])
+    def _admit_pulled(self, deliveries: list[Delivery]) -> CancelledCheck | None:
+        """Admit what the idle pull brought. A lone job starts at once and its cancel check
+        travels while it prefills (`_cancelled_before_start` reads it after the step): the
+        check's round trip had been the worker's one wait between the XADD and the prefill of a
+        lone request. More jobs are checked first, so a backlog of cancelled jobs (a worker
+        starting behind a queue whose clients left) is not prefilled for nothing."""
+        if len(deliveries) != 1:
+            self._admit(deliveries)
+            return None
+        check = self.queue.check_cancelled([deliveries[0].job.id])
+        self._admit(deliveries, set())
+        return check
+
+    def _cancelled_before_start(self, check: CancelledCheck | None) -> list[Event]:
+        """The terminal events of the admitted requests that `check` found cancelled (their
+        first step ran: its events go out before these, to nobody, as the gateway left)."""
+        if check is None:
+            return []
+        events = []
+        for request_id in check.answer():
+            if request_id in self.flights.running:
+                log.info("request %s was cancelled before it started: ending it", request_id)
+                events += self.engine.abort_request(request_id)
+        return events
+
+    def _admit(self, deliveries: list[Delivery], cancelled: set[str] | None = None) -> None:
+        """Start the deliveries, or end those that cannot run with their terminal event;
+        `cancelled` is asked of Redis unless the caller knows it."""
+        if cancelled is None:
+            cancelled = self.queue.cancelled([d.job.id for d in deliveries])
         for delivery in deliveries:
             job = delivery.job
             if job.id in cancelled:

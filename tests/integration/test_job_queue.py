@@ -97,3 +97,21 @@ def test_an_error_reply_is_raised_and_the_next_publish_starts_clean(redis_server
     reply = queue.publish([Event(id="r4", seq=1, token_ids=[6], text="b")], {})
     assert reply.listeners == {"r4": 0}  # the replies are this publish's, not the last one's
     assert client.lrange(keys.progress("r4"), 0, -1) == [b"6"]
+
+
+def test_a_cancel_check_is_asked_now_and_answered_later(redis_server, unique_prefix):
+    """`check_cancelled` sends its question at once and reads the reply when asked, while the
+    worker meanwhile uses Redis for other things (the publisher's own connection)."""
+    queue, client = make_queue(redis_server, unique_prefix)
+    keys = Keys(unique_prefix)
+    client.set(keys.cancelled("gone"), "1")
+    in_use = set(client.connection_pool._in_use_connections)  # the cancel subscription's
+    check = queue.check_cancelled(["gone", "here"])
+    queue.publish([Event(id="here", seq=0, token_ids=[5], text="a")], {})  # meanwhile
+    assert check.answer() == {"gone"}
+    with pytest.raises(RuntimeError):
+        check.answer()  # one answer per question
+    client.set(keys.cancelled("here"), "1")
+    assert queue.cancelled(["gone", "here", "new"]) == {"gone", "here"}
+    assert queue.check_cancelled([]).answer() == set()
+    assert client.connection_pool._in_use_connections == in_use  # every connection given back

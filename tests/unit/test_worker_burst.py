@@ -1,13 +1,14 @@
 """The worker's admission: after an idle spell, jobs arriving close together are gathered into the
 first batch (`--burst-window-ms`) and the gathering is bounded; a busy worker never waits, its
-pulls ride on its publishes."""
+pulls ride on its publishes; a lone pulled job starts before its cancel check is answered."""
 
 from __future__ import annotations
 
 import time
 from types import SimpleNamespace
 
-from worker.job_queue import StepReply
+from common.protocol import Event, Job
+from worker.job_queue import Delivery, StepReply
 from worker.service import BURST_WINDOWS, IDLE_BLOCK_MS, WorkerService
 from worker.settings import WorkerSettings
 
@@ -107,3 +108,55 @@ def test_windows_are_slept_out_by_the_worker_not_blocked_on_in_redis():
     assert service(queue, window_ms=3.0)._pull() == ["a"]
     assert queue.calls == [(8, IDLE_BLOCK_MS), (7, None)]
     assert time.monotonic() - started >= 0.003  # one window was waited out
+
+
+class CheckingQueue(ScriptedQueue):
+    """Records when cancel checks are asked and answered; every job asked about is cancelled."""
+
+    def __init__(self, log: list[str]):
+        super().__init__([])
+        self.log = log
+
+    def cancelled(self, request_ids):
+        self.log.append(f"check {len(request_ids)} then wait")
+        return set()
+
+    def check_cancelled(self, request_ids):
+        self.log.append("ask")
+        log = self.log
+
+        class Check:
+            def answer(self):
+                log.append("answer")
+                return set(request_ids)
+
+        return Check()
+
+
+def test_a_lone_pulled_job_starts_while_its_cancel_check_travels():
+    """The idle worker's one wait between a lone request's XADD and its prefill was the cancel
+    check: now the question goes out, the job starts, and the answer is read after the step;
+    a job found cancelled then ends with its terminal event."""
+    log: list[str] = []
+    engine = SimpleNamespace(
+        has_unfinished=False,
+        stats=lambda: {"waiting": 0, "running": 0},
+        add_request=lambda request_id, *args, **kwargs: log.append(f"start {request_id}"),
+        abort_request=lambda request_id: (
+            log.append(f"abort {request_id}") or [Event(request_id, 1, finish="cancelled")]
+        ),
+    )
+    settings = WorkerSettings(model="unused")
+    worker = WorkerService(settings, engine, CheckingQueue(log))  # type: ignore[arg-type]
+    lone = Delivery("1-0", Job(id="r1", model="m", prompt_ids=[1, 2]))
+    check = worker._admit_pulled([lone])
+    assert log == ["ask", "start r1"]  # started before any answer
+    events = worker._cancelled_before_start(check)
+    assert log == ["ask", "start r1", "answer", "abort r1"]
+    assert [(e.id, e.finish) for e in events] == [("r1", "cancelled")]
+
+    log.clear()
+    two = [Delivery(f"{i}-0", Job(id=f"b{i}", model="m", prompt_ids=[1])) for i in (2, 3)]
+    assert worker._admit_pulled(two) is None
+    assert log == ["check 2 then wait", "start b2", "start b3"]  # a burst is checked first
+    assert worker._cancelled_before_start(None) == []
