@@ -16,7 +16,8 @@ the same prompts, and a warm cache would let a repeat skip its prefill); the fas
 The issue's bar: the service costs <= 5 % of the in-process throughput and <= 5 ms of TTFT p50.
 Read the TTFT cost on `single`, with `--pairs N` (`run_paired`: the two systems alternate, both
 alive, so a prefill's drift between the machine's fast and slow spells falls on both alike; the
-cost is the median of the pairs' differences, `compare`): on
+cost is the median of the pairs' differences, `compare`, which reads the throughput cost pair by
+pair too — the i-th run of each side being the i-th pair, which only `--pairs` makes adjacent): on
 mixed-32 the worker admits the requests as they reach the stream, while the in-process engine gets
 all 32 before its first step, so the two TTFT p50s differ by how the burst lands, not by the
 path. The served one has read lower (first prefills smaller and earlier) and, on the Zen 4 in
