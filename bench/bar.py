@@ -24,9 +24,9 @@ slow spells (on a Zen 4, every system ran ~13 % faster an hour later; on a Zen 3
 p99 read 17.6 s and 16.1 s, spindle's 13.7 s and 16.7 s, in two runs an hour apart), which runs
 one block after the other would not see alike; taking turns, all do. The throughput cost is the
 median of the rounds' costs (each round's two runs share a spell; the fastest runs of each need
-not), the vLLM ratio that of the fastest runs; both lines show each round's figure too. The verdict lines (`verdict`,
-`relay_verdict`) are pure functions of the measured summaries, tested in
-tests/unit/test_bench_bar.py.
+not), the vLLM ratio that of the fastest runs; both lines show each round's figure too. The
+verdict lines (`verdict`, `relay_verdict`) are pure functions of the measured summaries, tested
+in tests/unit/test_bench_bar.py.
 
     python -m bench.bar --dtype bfloat16 float32 --vllm-python /work/vllm-venv/bin/python \\
         --workload mixed-32 --repeat 2 --out bench/results/bar.json
@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import best_run, clocked_summary, pair_throughput_costs_pct, paired_rates
+from bench.load import best_run, clocked_summary, paired_rates
 from bench.report import write_report
 from bench.service_bench import (
     IN_PROCESS_SIDE,
@@ -135,7 +135,7 @@ def throughput_cost_line(workload: dict[str, dict | None], name: str) -> BarLine
         line.measured, line.value = f"{pct:.1f} %", pct
         line.passed = pct <= SERVICE_COST_PCT_BAR
         if costs["throughput_cost_from_pairs"]:
-            each = ", ".join(f"{c:.1f}" for c in pair_throughput_costs_pct(in_process, e2e))
+            each = ", ".join(f"{c:.1f}" for c in costs["throughput_cost_each_pair_pct"])
             line.measured += (
                 f" (median of the rounds: {each} %; the fastest runs: "
                 f"{costs['throughput_cost_fastest_pct']:.1f} %)"

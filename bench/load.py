@@ -170,17 +170,11 @@ def paired_rates(baseline: dict[str, Any], other: dict[str, Any]) -> list[tuple[
 
 
 def pair_throughput_costs_pct(baseline: dict[str, Any], other: dict[str, Any]) -> list[float]:
-    """1 - other / baseline tok/s of each pair (`paired_rates`), in per cent."""
+    """1 - other / baseline tok/s of each pair (`paired_rates`), in per cent. Their median is the
+    service's throughput cost (`service_bench.compare`): adjacent runs share the machine's spell,
+    the fastest runs of each side need not (on the Zen 3 one in-process run at 174 tok/s against
+    its other round's 148 made a 9.6 % cost of pairs reading -4.6 and +9.6 %)."""
     return [100 * (1 - theirs / ours) for ours, theirs in paired_rates(baseline, other)]
-
-
-def paired_throughput_cost_pct(baseline: dict[str, Any], other: dict[str, Any]) -> float | None:
-    """The median of the pairs' throughput costs (`pair_throughput_costs_pct`), or None without
-    two pairs. Adjacent runs share the machine's spell; the fastest runs of each side need not
-    (on the Zen 3 one in-process run at 174 tok/s against its other round's 148 made a 9.6 %
-    cost of pairs reading -4.6 and +9.6 %)."""
-    costs = pair_throughput_costs_pct(baseline, other)
-    return statistics.median(costs) if costs else None
 
 
 def pair_differences(baseline: dict[str, Any], other: dict[str, Any]) -> list[float] | None:

@@ -37,6 +37,7 @@ import contextlib
 import gc
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ from bench.load import (
     clocked_summary,
     drive,
     median_ttft_p50_ms,
-    paired_throughput_cost_pct,
+    pair_throughput_costs_pct,
     paired_ttft_cost_interval_ms,
     paired_ttft_cost_ms,
     run_workload,
@@ -393,15 +394,16 @@ def round_order(sides: list[str], rounds: int) -> list[str]:
 
 def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
     """The service's costs, read pair by pair where the runs alternated: throughput as the
-    median of the pairs' costs (`paired_throughput_cost_pct`), else from the fastest runs, which
+    median of the pairs' costs (`pair_throughput_costs_pct`, kept as
+    `throughput_cost_each_pair_pct`), else from the fastest runs, which
     are kept alongside as `throughput_cost_fastest_pct`; TTFT p50 as the median of the pairs'
     differences (`paired_ttft_cost_ms`, with its 95 % interval), else as the difference of the
     two sides' medians, kept alongside as `ttft_p50_medians_cost_ms`."""
     if not service.get("completed"):
         return {"throughput_ratio": None, "ttft_p50_cost_ms": None}
     fastest_ratio = service["output_tokens_per_s"] / in_process["output_tokens_per_s"]
-    paired_cost = paired_throughput_cost_pct(in_process, service)
-    ratio = fastest_ratio if paired_cost is None else 1 - paired_cost / 100
+    each_pair = pair_throughput_costs_pct(in_process, service)
+    ratio = 1 - statistics.median(each_pair) / 100 if each_pair else fastest_ratio
     medians_cost = median_ttft_p50_ms(service) - median_ttft_p50_ms(in_process)
     paired = paired_ttft_cost_ms(in_process, service)
     ttft_cost = medians_cost if paired is None else paired
@@ -410,7 +412,8 @@ def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, An
         "throughput_ratio": round(ratio, 4),
         "throughput_cost_pct": round(100 * (1 - ratio), 2),
         "throughput_cost_fastest_pct": round(100 * (1 - fastest_ratio), 2),
-        "throughput_cost_from_pairs": paired_cost is not None,
+        "throughput_cost_from_pairs": bool(each_pair),
+        "throughput_cost_each_pair_pct": [round(cost, 2) for cost in each_pair],
         "ttft_p50_cost_ms": round(ttft_cost, 2),
         "ttft_p50_medians_cost_ms": round(medians_cost, 2),
         "ttft_cost_from_pairs": paired is not None,

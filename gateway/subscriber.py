@@ -161,9 +161,7 @@ class Subscriber:
         request opens a fresh one."""
         message = f"Redis did not confirm the subscription in {self._confirm_timeout_s:g} s"
         inbox.fail(ApiError(503, message))
-        if self._connection is connection:
-            self._connection = None
-            self._fail_all(RedisConnectionError(f"lost the pub/sub connection to Redis: {message}"))
+        self._drop(connection, message)
         closing = asyncio.ensure_future(self._disconnect(connection))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
@@ -221,10 +219,14 @@ class Subscriber:
             inbox.confirm(channel)
 
     async def _lost(self, connection: AbstractConnection, error: Exception) -> None:
+        self._drop(connection, error)
+        await self._disconnect(connection)
+
+    def _drop(self, connection: AbstractConnection, why: object) -> None:
+        """Stop using `connection` if it is the current one, failing every open inbox."""
         if self._connection is connection:
             self._connection = None
-            self._fail_all(RedisConnectionError(f"lost the pub/sub connection to Redis: {error}"))
-        await self._disconnect(connection)
+            self._fail_all(RedisConnectionError(f"lost the pub/sub connection to Redis: {why}"))
 
     def _fail_all(self, error: BaseException) -> None:
         inboxes = {id(inbox): inbox for inbox in self._inboxes.values()}
