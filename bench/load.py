@@ -141,14 +141,18 @@ def clocked_summary(seconds: float, ttft: Sequence[float], output_tokens: int) -
 def best_run(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The repeat with the highest output tokens/s (one with failed requests wins only when all
     have some), with every repeat's tokens/s in run order under `repeat_tokens_per_s` and every
-    repeat's TTFT p50 under `repeat_ttft_p50_ms`."""
+    repeat's TTFT p50 and p99 under `repeat_ttft_p50_ms` and `repeat_ttft_p99_ms`."""
     if not summaries:
         raise ValueError("best_run needs at least one summary")
     rates = [s.get("output_tokens_per_s") or 0.0 for s in summaries]
-    ttfts = [(s.get("ttft") or {}).get("p50_ms") for s in summaries]
     clean = [bool(s.get("completed")) and not s.get("failed") for s in summaries]
     best = max(range(len(summaries)), key=lambda index: (clean[index], rates[index], -index))
-    return {**summaries[best], "repeat_tokens_per_s": rates, "repeat_ttft_p50_ms": ttfts}
+    return {
+        **summaries[best],
+        "repeat_tokens_per_s": rates,
+        "repeat_ttft_p50_ms": [(s.get("ttft") or {}).get("p50_ms") for s in summaries],
+        "repeat_ttft_p99_ms": [(s.get("ttft") or {}).get("p99_ms") for s in summaries],
+    }
 
 
 def median_ttft_p50_ms(summary: dict[str, Any]) -> float:
@@ -165,6 +169,16 @@ def paired_rates(baseline: dict[str, Any], other: dict[str, Any]) -> list[tuple[
     mine = baseline.get("repeat_tokens_per_s") or []
     theirs = other.get("repeat_tokens_per_s") or []
     if len(mine) < 2 or len(mine) != len(theirs) or not all(mine) or not all(theirs):
+        return []
+    return list(zip(mine, theirs, strict=True))
+
+
+def paired_ttft_p99s(baseline: dict[str, Any], other: dict[str, Any]) -> list[tuple[float, float]]:
+    """The two sides' TTFT p99 (ms) round by round, as `paired_rates` pairs their tok/s, for two
+    or more complete pairs; else []."""
+    mine = baseline.get("repeat_ttft_p99_ms") or []
+    theirs = other.get("repeat_ttft_p99_ms") or []
+    if len(mine) < 2 or len(mine) != len(theirs) or None in mine or None in theirs:
         return []
     return list(zip(mine, theirs, strict=True))
 

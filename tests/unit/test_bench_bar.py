@@ -273,6 +273,39 @@ def test_the_vllm_line_shows_each_round_beside_the_fastest_runs() -> None:
     assert "each round" not in lines["e2e / vLLM tok/s, TTFT p99"].measured  # rounds differ
 
 
+def test_the_ttft_p99_against_vllm_is_the_median_of_the_rounds() -> None:
+    """A fastest run whose p99 came from a slow round does not decide alone: the rounds' p99
+    differences do (here -0.10, -0.11, +0.14 s: a pass), and a loss in most rounds fails."""
+    e2e = {
+        **summary(227.0, ttft_p99_ms=10_290),
+        "repeat_tokens_per_s": [221.0, 221.0, 227.0],
+        "repeat_ttft_p99_ms": [9_900.0, 9_950.0, 10_290.0],
+    }
+    vllm = {
+        **summary(179.0, ttft_p99_ms=10_060),
+        "repeat_tokens_per_s": [172.0, 179.0, 177.0],
+        "repeat_ttft_p99_ms": [10_000.0, 10_060.0, 10_150.0],
+    }
+    line = by_bar(verdict(runs(e2e=dict(mixed=e2e), vllm=dict(mixed=vllm)), "mixed"))[
+        "e2e / vLLM tok/s, TTFT p99"
+    ]
+    assert line.passed is True
+    assert line.measured.endswith(
+        "p99 each round 9.90 / 10.00, 9.95 / 10.06, 10.29 / 10.15 s, median difference -0.10 s"
+    )
+    worse = {**e2e, "repeat_ttft_p99_ms": [10_100.0, 10_100.0, 9_000.0]}
+    line = by_bar(verdict(runs(e2e=dict(mixed=worse), vllm=dict(mixed=vllm)), "mixed"))[
+        "e2e / vLLM tok/s, TTFT p99"
+    ]
+    assert line.passed is False  # +0.10, +0.04 s: behind in two rounds of three
+    assert "median difference +0.04 s" in line.measured
+
+
+def test_out_may_name_a_folder() -> None:
+    assert parse_args(["--out", "/tmp"]).out.name == "bar.json"
+    assert parse_args(["--out", "/tmp/x/run.json"]).out.name == "run.json"
+
+
 def test_each_cost_workload_gets_its_own_number_of_pairs() -> None:
     single, short, mixed = (Workload(name, 0, []) for name in ("single", "single-short", "mixed"))
     turns = cost_turns([single, short], [20, 60], "mixed")

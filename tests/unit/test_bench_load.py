@@ -141,12 +141,13 @@ def test_clocked_summary_reads_like_a_client_summary() -> None:
 
 
 def test_best_run_keeps_the_fastest_clean_repeat_and_every_rate() -> None:
-    slow = {"completed": 2, "failed": 0, "output_tokens_per_s": 90.0}
-    fast = {"completed": 2, "failed": 0, "output_tokens_per_s": 120.0}
+    slow = {"completed": 2, "failed": 0, "output_tokens_per_s": 90.0, "ttft": {"p99_ms": 9.0}}
+    fast = {"completed": 2, "failed": 0, "output_tokens_per_s": 120.0, "ttft": {"p99_ms": 7.0}}
     broken = {"completed": 1, "failed": 1, "output_tokens_per_s": 400.0}
     best = best_run([slow, broken, fast])
     assert best["output_tokens_per_s"] == 120.0
     assert best["repeat_tokens_per_s"] == [90.0, 400.0, 120.0]
+    assert best["repeat_ttft_p99_ms"] == [9.0, None, 7.0]
     assert best_run([broken])["output_tokens_per_s"] == 400.0  # all failed: still reported
     with pytest.raises(ValueError, match="at least one"):
         best_run([])
