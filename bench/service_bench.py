@@ -392,22 +392,25 @@ def round_order(sides: list[str], rounds: int) -> list[str]:
     return order
 
 
-def compare(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
-    """The service's costs, read pair by pair where the runs alternated: throughput as the
-    median of the pairs' costs (`pair_throughput_costs_pct`, kept as
+def compare(
+    in_process: dict[str, Any], service: dict[str, Any], alternated: bool = True
+) -> dict[str, Any]:
+    """The service's costs, read pair by pair where the runs `alternated` (`run_paired`):
+    throughput as the median of the pairs' costs (`pair_throughput_costs_pct`, kept as
     `throughput_cost_each_pair_pct`), else from the fastest runs, which
     are kept alongside as `throughput_cost_fastest_pct`; TTFT p50 as the median of the pairs'
     differences (`paired_ttft_cost_ms`, with its 95 % interval), else as the difference of the
-    two sides' medians, kept alongside as `ttft_p50_medians_cost_ms`."""
+    two sides' medians, kept alongside as `ttft_p50_medians_cost_ms`. Runs made in two blocks
+    (`alternated` False) are not paired: their i-th runs are minutes apart."""
     if not service.get("completed"):
         return {"throughput_ratio": None, "ttft_p50_cost_ms": None}
     fastest_ratio = service["output_tokens_per_s"] / in_process["output_tokens_per_s"]
-    each_pair = pair_throughput_costs_pct(in_process, service)
+    each_pair = pair_throughput_costs_pct(in_process, service) if alternated else []
     ratio = 1 - statistics.median(each_pair) / 100 if each_pair else fastest_ratio
     medians_cost = median_ttft_p50_ms(service) - median_ttft_p50_ms(in_process)
-    paired = paired_ttft_cost_ms(in_process, service)
+    paired = paired_ttft_cost_ms(in_process, service) if alternated else None
     ttft_cost = medians_cost if paired is None else paired
-    interval = paired_ttft_cost_interval_ms(in_process, service)
+    interval = paired_ttft_cost_interval_ms(in_process, service) if alternated else None
     return {
         "throughput_ratio": round(ratio, 4),
         "throughput_cost_pct": round(100 * (1 - ratio), 2),
@@ -508,7 +511,9 @@ def main(argv: list[str] | None = None) -> None:
             report["service"] = run_service(model_dir, [workload], args, Path(log_dir))[
                 workload.name
             ]
-    report["comparison"] = compare(report["in_process"], report["service"])
+    report["comparison"] = compare(
+        report["in_process"], report["service"], alternated=bool(args.pairs)
+    )
     report["load_average_end"] = os.getloadavg()
     table = markdown_table(report)
     write_report(args.out, report, table)

@@ -23,7 +23,6 @@ from common.protocol import ErrorInfo, Event, Job, ProtocolError
 log = logging.getLogger(__name__)
 
 PROGRESS_TTL_S = 3600  # a progress list outlives its job by this much at least
-CANCELLED_CHECK_BATCH = 64
 
 
 Command = tuple[bytes | str | int, ...]

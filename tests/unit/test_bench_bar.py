@@ -26,6 +26,7 @@ from bench.service_bench import (
     IN_PROCESS_SIDE,
     SERVED_SIDE,
     as_flags,
+    compare,
     process_role,
     round_order,
 )
@@ -257,6 +258,29 @@ def test_the_throughput_cost_is_the_median_of_the_rounds() -> None:
     lone_cost = lines["service throughput cost"]
     assert lone_cost.measured == "2.5 %"  # no rounds: the fastest runs, 390 against 400
     assert lone_cost.passed is True
+
+
+def test_runs_made_in_blocks_are_not_read_as_pairs() -> None:
+    """service_bench without --pairs runs each side's repeats one block after the other: the
+    fastest runs and the medians count, not the i-th runs of each side."""
+    in_process = {
+        **summary(474.0, ttft_p50_ms=240.0),
+        "repeat_tokens_per_s": [400.0, 474.0, 380.0],
+        "repeat_ttft_p50_ms": [240.0, 250.0, 230.0],
+    }
+    service = {
+        **summary(390.0, ttft_p50_ms=262.0),
+        "repeat_tokens_per_s": [390.0, 385.0, 362.0],
+        "repeat_ttft_p50_ms": [270.0, 262.0, 236.0],
+    }
+    alternated = compare(in_process, service)
+    assert alternated["throughput_cost_pct"] == pytest.approx(4.74, abs=0.01)
+    assert alternated["ttft_p50_cost_ms"] == pytest.approx(12.0)  # pairs 30, 12, 6 ms
+    blocks = compare(in_process, service, alternated=False)
+    assert blocks["throughput_cost_pct"] == pytest.approx(17.72, abs=0.01)  # 390 / 474
+    assert blocks["throughput_cost_each_pair_pct"] == []
+    assert blocks["ttft_p50_cost_ms"] == pytest.approx(22.0)  # medians 262 - 240
+    assert blocks["ttft_p50_cost_interval_ms"] is None
 
 
 def test_the_vllm_line_shows_each_round_beside_the_fastest_runs() -> None:
