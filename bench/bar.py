@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import best_run, clocked_summary, paired_rates, paired_ttft_p99s
+from bench.load import best_run, clocked_summary, paired_rates, paired_repeats
 from bench.report import write_report
 from bench.service_bench import (
     IN_PROCESS_SIDE,
@@ -125,7 +125,7 @@ def vllm_line(e2e: dict | None, vllm: dict | None) -> BarLine:
     p99_over_ms = my_p99 - their_p99  # spindle's p99 minus vLLM's: <= 0 passes
     if each := paired_rates(e2e, vllm):
         measured += " (each round: " + ", ".join(f"{a / b:.2f}x" for a, b in each) + ")"
-    if rounds := paired_ttft_p99s(e2e, vllm):
+    if rounds := paired_repeats(e2e, vllm, "repeat_ttft_p99_ms"):
         p99_over_ms = statistics.median(ours - theirs for ours, theirs in rounds)
         each_p99 = ", ".join(f"{a / 1000:.2f} / {b / 1000:.2f}" for a, b in rounds)
         measured += f"; p99 each round {each_p99} s, median difference {p99_over_ms / 1000:+.2f} s"
@@ -476,7 +476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(args.cost_pairs) not in (1, len(args.cost_workload)):
         parser.error("--cost-pairs takes one number, or one per --cost-workload")
-    if args.out.is_dir():  # found out only when writing, an hour in, it lost a whole run
+    if args.out.is_dir():  # found only when writing, 20 minutes in, it lost a dtype's run
         args.out = args.out / "bar.json"
     return args
 

@@ -173,11 +173,14 @@ def paired_rates(baseline: dict[str, Any], other: dict[str, Any]) -> list[tuple[
     return list(zip(mine, theirs, strict=True))
 
 
-def paired_ttft_p99s(baseline: dict[str, Any], other: dict[str, Any]) -> list[tuple[float, float]]:
-    """The two sides' TTFT p99 (ms) round by round, as `paired_rates` pairs their tok/s, for two
-    or more complete pairs; else []."""
-    mine = baseline.get("repeat_ttft_p99_ms") or []
-    theirs = other.get("repeat_ttft_p99_ms") or []
+def paired_repeats(
+    baseline: dict[str, Any], other: dict[str, Any], key: str
+) -> list[tuple[float, float]]:
+    """The two sides' per-repeat figure `key` (`repeat_ttft_p50_ms`, `repeat_ttft_p99_ms`) pair
+    by pair, the i-th repeat of each from the i-th round, for two or more complete pairs; else
+    []."""
+    mine = baseline.get(key) or []
+    theirs = other.get(key) or []
     if len(mine) < 2 or len(mine) != len(theirs) or None in mine or None in theirs:
         return []
     return list(zip(mine, theirs, strict=True))
@@ -195,11 +198,8 @@ def pair_differences(baseline: dict[str, Any], other: dict[str, Any]) -> list[fl
     """`other`'s TTFT p50 minus `baseline`'s, pair by pair (the i-th repeat of each being the
     i-th pair, as `service_bench.run_paired` keeps them), or None without two or more complete
     pairs."""
-    mine = baseline.get("repeat_ttft_p50_ms") or []
-    theirs = other.get("repeat_ttft_p50_ms") or []
-    if len(mine) < 2 or len(mine) != len(theirs) or None in mine or None in theirs:
-        return None
-    return [b - a for a, b in zip(mine, theirs, strict=True)]
+    pairs = paired_repeats(baseline, other, "repeat_ttft_p50_ms")
+    return [b - a for a, b in pairs] if pairs else None
 
 
 def paired_ttft_cost_ms(baseline: dict[str, Any], other: dict[str, Any]) -> float | None:
