@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,6 +202,16 @@ def wait_healthy(url: str, processes: list[subprocess.Popen[bytes]], log_dir: Pa
     raise RuntimeError(f"gateway at {url} not healthy within {START_TIMEOUT_S:g} s\n{logs}")
 
 
+def py_spy() -> Path | None:
+    """py-spy beside this Python (a venv's bin, where `pip install py-spy` puts it), else on
+    PATH; None where neither has it (it is not one of spindle's dependencies)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    if beside.exists():
+        return beside
+    found = shutil.which("py-spy")
+    return Path(found) if found else None
+
+
 @contextlib.contextmanager
 def profiled(pid: int, out: Path | None, log_dir: Path) -> Iterator[None]:
     """`py-spy record` on `pid` while the block runs, written to `out` (a flame graph .svg, or
@@ -210,7 +221,7 @@ def profiled(pid: int, out: Path | None, log_dir: Path) -> Iterator[None]:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     kind = "flamegraph" if out.suffix == ".svg" else "raw"
-    argv = ["py-spy", "record", "--pid", str(pid), "--output", str(out), "--format", kind,
+    argv = [str(py_spy()), "record", "--pid", str(pid), "--output", str(out), "--format", kind,
             "--rate", "1000", "--nonblocking"]  # fmt: skip
     with child(argv, log_dir, "py-spy"):
         time.sleep(1.0)  # py-spy attaches before the load starts
@@ -396,7 +407,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="spindle", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.profile is not None and py_spy() is None:
+        parser.error("--profile needs py-spy: pip install py-spy (into this Python's venv)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,3 +55,22 @@ def test_a_refused_lone_request_is_an_error_not_a_timing(tmp_path: Path) -> None
         )
         with pytest.raises(RuntimeError, match="404"):
             relay_bench.time_lone_request(port, unknown_model)
+
+
+def test_profile_finds_py_spy_beside_python_or_says_it_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    venv_bin, elsewhere = tmp_path / "venv-bin", tmp_path / "elsewhere"
+    venv_bin.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setattr(relay_bench.sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setenv("PATH", str(elsewhere))
+    with pytest.raises(SystemExit):  # argparse's error: before any process starts
+        relay_bench.parse_args(["--profile", str(tmp_path / "gw.txt")])
+    on_path = elsewhere / "py-spy"
+    on_path.write_text("#!/bin/sh\n")
+    on_path.chmod(0o755)
+    assert relay_bench.py_spy() == on_path
+    (venv_bin / "py-spy").write_text("#!/bin/sh\n")
+    assert relay_bench.py_spy() == venv_bin / "py-spy"
+    assert relay_bench.parse_args(["--profile", str(tmp_path / "gw.txt")]).profile.name == "gw.txt"
