@@ -163,16 +163,6 @@ def median_ttft_p50_ms(summary: dict[str, Any]) -> float:
     return statistics.median(repeats) if repeats else summary["ttft"]["p50_ms"]
 
 
-def paired_rates(baseline: dict[str, Any], other: dict[str, Any]) -> list[tuple[float, float]]:
-    """The two sides' tok/s pair by pair (the i-th repeat of each from the i-th round, as
-    `service_bench.run_paired` keeps them), for two or more complete pairs; else []."""
-    mine = baseline.get("repeat_tokens_per_s") or []
-    theirs = other.get("repeat_tokens_per_s") or []
-    if len(mine) < 2 or len(mine) != len(theirs) or not all(mine) or not all(theirs):
-        return []
-    return list(zip(mine, theirs, strict=True))
-
-
 def paired_repeats(
     baseline: dict[str, Any], other: dict[str, Any], key: str
 ) -> list[tuple[float, float]]:
@@ -184,6 +174,14 @@ def paired_repeats(
     if len(mine) < 2 or len(mine) != len(theirs) or None in mine or None in theirs:
         return []
     return list(zip(mine, theirs, strict=True))
+
+
+def paired_rates(baseline: dict[str, Any], other: dict[str, Any]) -> list[tuple[float, float]]:
+    """The two sides' tok/s pair by pair (the i-th repeat of each from the i-th round, as
+    `service_bench.run_paired` keeps them), for two or more complete pairs (a failed run's
+    rate is 0); else []."""
+    pairs = paired_repeats(baseline, other, "repeat_tokens_per_s")
+    return pairs if all(mine and theirs for mine, theirs in pairs) else []
 
 
 def pair_throughput_costs_pct(baseline: dict[str, Any], other: dict[str, Any]) -> list[float]:
